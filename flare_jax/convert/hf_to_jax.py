@@ -1,0 +1,100 @@
+"""HF safetensors checkpoint -> flare-jax checkpoint (Orbax params + configs + tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from flare_jax.checkpoint import (
+    atomic_directory,
+    copy_tokenizer_files,
+    nest,
+    save_params,
+    write_model_config,
+)
+from flare_jax.config import ModelConfig
+from flare_jax.convert.keymap import SKIPPED_PREFIXES, expected_tensors, text_layout_name, to_ours
+from flare_jax.convert.safetensors_io import index_checkpoint, read_tensor
+
+log = logging.getLogger(__name__)
+DTYPE_CHOICES = ("auto", "bfloat16", "float32", "float16")
+
+
+class ConversionError(ValueError):
+    """The source checkpoint does not match what its config implies."""
+
+
+FLOAT_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64),
+                np.dtype(ml_dtypes.bfloat16)}
+
+
+def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Cast floating tensors to ``dtype`` ("auto": leave as stored)."""
+    if dtype == "auto" or array.dtype not in FLOAT_DTYPES:
+        return array
+    target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    return array if array.dtype == target else array.astype(target)
+
+
+def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "auto", *,
+               overwrite: bool = False) -> Path:
+    """Convert an HF Qwen3.5 checkpoint (text or vision-language layout) to a flare-jax checkpoint.
+
+    Tensors are streamed one at a time; ``dtype`` "auto" keeps each tensor's stored dtype (a round
+    trip back to HF is then bit-identical), otherwise floating tensors are cast. Vision-tower and
+    MTP weights are skipped (and logged). The output directory appears only when complete.
+    """
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise ConversionError(f"{hf_dir}: HF checkpoint directory not found")
+    config_path = hf_dir / "config.json"
+    config = ModelConfig.from_hf_file(config_path)
+    hf_config = json.loads(config_path.read_text())
+    entries = index_checkpoint(hf_dir)
+
+    by_text_name = {}
+    skipped = []
+    for name, entry in entries.items():
+        if name.startswith(SKIPPED_PREFIXES):
+            skipped.append(name)
+        else:
+            by_text_name[text_layout_name(name)] = (name, entry)
+    if skipped:
+        log.info("skipping %d non-text tensors (vision tower / MTP), e.g. %s", len(skipped),
+                 skipped[0])
+    specs = expected_tensors(config)
+    expected_names = {s.hf_name for s in specs}
+    problems = []
+    missing = [s.hf_name for s in specs if s.hf_name not in by_text_name]
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {missing[:8]}")
+    tied_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unexpected = sorted(set(by_text_name) - expected_names - tied_extra)
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {unexpected[:8]}")
+    for spec in specs:
+        if spec.hf_name in by_text_name:
+            name, entry = by_text_name[spec.hf_name]
+            if entry.shape != spec.hf_shape:
+                problems.append(f"tensor '{name}' in {entry.file.name} has shape {entry.shape}, "
+                                f"config implies {spec.hf_shape}")
+    if problems:
+        raise ConversionError(f"{hf_dir} does not match {config_path.name}: " + "; ".join(problems))
+
+    flat = {}
+    for spec in specs:
+        _, entry = by_text_name[spec.hf_name]
+        flat[spec.path] = _cast(to_ours(spec, read_tensor(entry)), dtype)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        save_params(tmp / "params", nest(flat))
+        del flat
+        write_model_config(tmp, config, hf_config)
+        copy_tokenizer_files(hf_dir, tmp)
+    return Path(out_dir)
+

@@ -1,0 +1,101 @@
+"""Gated DeltaNet token mixer (the linear-attention layer of Qwen3.5)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flare_jax import ops
+from flare_jax.config import ModelConfig
+from flare_jax.model.cache import LinearCache
+from flare_jax.model.conv import causal_depthwise_conv, conv_window
+from flare_jax.model.layers import Dense, Dtype, GatedRMSNorm
+from pallas_kernels.gated_delta.api import GatedDeltaInputs
+
+L2_EPS = 1e-6
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """``x / sqrt(sum(x^2) + eps)`` over the last axis, fp32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2_EPS)
+
+
+class GatedDeltaNet(nnx.Module):
+    """in_proj_qkv -> causal conv + SiLU -> (q, k l2-normalised, v) -> gated delta rule with
+    ``g = -exp(A_log) softplus(a + dt_bias)``, ``beta = sigmoid(b)`` -> gated RMSNorm(z) -> out_proj."""
+
+    def __init__(self, config: ModelConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
+                 backend: str = "auto"):
+        c = config
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.config = c
+        self.dtype = dtype
+        self.backend = backend
+        self.in_proj_qkv = Dense(c.hidden_size, c.linear_conv_dim, **kw)
+        self.in_proj_z = Dense(c.hidden_size, c.linear_value_dim, **kw)
+        self.in_proj_b = Dense(c.hidden_size, c.linear_num_value_heads, **kw)
+        self.in_proj_a = Dense(c.hidden_size, c.linear_num_value_heads, **kw)
+        bound = 1.0 / np.sqrt(c.linear_conv_kernel_dim)
+        self.conv_weight = nnx.Param(jax.random.uniform(
+            rngs.params(), (c.linear_conv_kernel_dim, c.linear_conv_dim), param_dtype, -bound, bound))
+        self.dt_bias = nnx.Param(jnp.ones((c.linear_num_value_heads,), param_dtype))
+        self.A_log = nnx.Param(jnp.log(jax.random.uniform(
+            rngs.params(), (c.linear_num_value_heads,), jnp.float32, 0.01, 16.0)).astype(param_dtype))
+        self.norm = GatedRMSNorm(c.linear_value_head_dim, eps=c.rms_norm_eps, param_dtype=param_dtype)
+        self.out_proj = Dense(c.linear_value_dim, c.hidden_size, **kw)
+
+    def _conv(self, mixed: jax.Array, segment_ids: jax.Array, **kwargs) -> jax.Array:
+        out = causal_depthwise_conv(mixed, self.conv_weight[...], segment_ids, **kwargs)
+        return jax.nn.silu(out.astype(jnp.float32)).astype(self.dtype)
+
+    def _inputs(self, x: jax.Array, conv_out: jax.Array) -> GatedDeltaInputs:
+        c = self.config
+        batch, length, _ = x.shape
+        q, k, v = jnp.split(conv_out, [c.linear_key_dim, 2 * c.linear_key_dim], axis=-1)
+        q = l2_normalize(q.reshape(batch, length, c.linear_num_key_heads, c.linear_key_head_dim))
+        k = l2_normalize(k.reshape(batch, length, c.linear_num_key_heads, c.linear_key_head_dim))
+        v = v.reshape(batch, length, c.linear_num_value_heads, c.linear_value_head_dim)
+        beta = jax.nn.sigmoid(self.in_proj_b(x).astype(jnp.float32))
+        a = self.in_proj_a(x).astype(jnp.float32)
+        g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
+            a + self.dt_bias[...].astype(jnp.float32))
+        return GatedDeltaInputs(q.astype(self.dtype), k.astype(self.dtype), v, g, beta)
+
+    def _output(self, x: jax.Array, o: jax.Array) -> jax.Array:
+        c = self.config
+        batch, length, _ = x.shape
+        z = self.in_proj_z(x).reshape(batch, length, c.linear_num_value_heads, c.linear_value_head_dim)
+        o = self.norm(o.astype(self.dtype), z)
+        return self.out_proj(o.reshape(batch, length, c.linear_value_dim))
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, cache: LinearCache | None = None
+                 ) -> tuple[jax.Array, LinearCache]:
+        """Causal pass over ``x [B, T, hidden]``, continuing from ``cache`` when given.
+
+        Returns the output and the cache after the last token (conv window and recurrent state).
+        """
+        mixed = self.in_proj_qkv(x)
+        context = None if cache is None else cache.conv
+        conv_out = self._conv(mixed, segment_ids, context=context)
+        inputs = self._inputs(x, conv_out)
+        o, state = ops.gated_delta(inputs, segment_ids=segment_ids,
+                                   initial_state=None if cache is None else cache.state,
+                                   backend=self.backend)
+        window = conv_window(mixed, segment_ids, context, self.config.linear_conv_kernel_dim)
+        return self._output(x, o), LinearCache(window, state)
+
+    def flare(self, x_clean: jax.Array, x_noisy: jax.Array, segment_ids: jax.Array,
+              block_size: int) -> tuple[jax.Array, jax.Array]:
+        """Both FLARE streams in one pass: the noisy copy of each block starts from the clean
+        stream's conv window and recurrent state at that block's boundary."""
+        mixed_clean = self.in_proj_qkv(x_clean)
+        mixed_noisy = self.in_proj_qkv(x_noisy)
+        conv_clean = self._conv(mixed_clean, segment_ids)
+        conv_noisy = self._conv(mixed_noisy, segment_ids, clean=mixed_clean, block_size=block_size)
+        o_clean, o_noisy = ops.gated_delta_handoff(
+            self._inputs(x_clean, conv_clean), self._inputs(x_noisy, conv_noisy),
+            segment_ids=segment_ids, block_size=block_size, backend=self.backend)
+        return self._output(x_clean, o_clean), self._output(x_noisy, o_noisy)

@@ -1,0 +1,165 @@
+"""The hybrid LM: embeddings, decoder layers (Gated DeltaNet or gated attention, each + SwiGLU),
+final norm and LM head, with the three call modes of the design: causal, flare and denoise."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flare_jax.config import FULL, ModelConfig
+from flare_jax.layout import FlareLayout, document_positions
+from flare_jax.model.attention import GatedAttention
+from flare_jax.model.cache import DecodeCache, write_rows
+from flare_jax.model.gated_deltanet import GatedDeltaNet
+from flare_jax.model.layers import Dense, Dtype, RMSNorm, SwiGLU, matmul_precision
+from pallas_kernels.block_attention.mask import TokenLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class _AttentionPlan:
+    """How attention layers of one call read keys: see :meth:`GatedAttention.__call__`."""
+
+    q_layout: TokenLayout
+    kv_layout: TokenLayout
+    write_start: jax.Array | None
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: token mixer (linear or full attention), then SwiGLU."""
+
+    def __init__(self, config: ModelConfig, layer_type: str, *, dtype: Dtype, param_dtype: Dtype,
+                 rngs: nnx.Rngs, backend: str):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layer_type = layer_type
+        norm_kw = dict(eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, **norm_kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm_kw)
+        if layer_type == FULL:
+            self.self_attn = GatedAttention(config, backend=backend, **kw)
+        else:
+            self.linear_attn = GatedDeltaNet(config, backend=backend, **kw)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, **kw)
+
+    def _mlp_block(self, h: jax.Array) -> jax.Array:
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def causal(self, h: jax.Array, segment_ids: jax.Array, plan: _AttentionPlan, cache, write: bool):
+        x = self.input_layernorm(h)
+        if self.layer_type == FULL:
+            mixed, new_cache = self.self_attn(x, plan.q_layout, plan.kv_layout, cache,
+                                              plan.write_start)
+        else:
+            mixed, new_cache = self.linear_attn(x, segment_ids, cache)
+        return self._mlp_block(h + mixed), (new_cache if write else cache)
+
+    def flare(self, h: jax.Array, layout: FlareLayout) -> jax.Array:
+        """``h`` is ``[B, 2L, hidden]``: the clean stream followed by the noisy stream."""
+        x = self.input_layernorm(h)
+        if self.layer_type == FULL:
+            packed = layout.packed()
+            mixed, _ = self.self_attn(x, packed, packed)
+        else:
+            x_clean, x_noisy = jnp.split(x, 2, axis=1)
+            out_clean, out_noisy = self.linear_attn.flare(
+                x_clean, x_noisy, layout.clean.segment_ids, layout.block_size)
+            mixed = jnp.concatenate([out_clean, out_noisy], axis=1)
+        return self._mlp_block(h + mixed)
+
+
+class HybridLM(nnx.Module):
+    """Qwen3.5-style hybrid causal LM. Logits are fp32."""
+
+    def __init__(self, config: ModelConfig, *, dtype: Dtype = jnp.bfloat16,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None,
+                 backend: str = "auto"):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (config.vocab_size, config.hidden_size),
+                                     param_dtype))
+        self.layers = nnx.List([
+            DecoderLayer(config, t, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend)
+            for t in config.layer_types])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = Dense(config.hidden_size, config.vocab_size, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
+
+    def _logits(self, h: jax.Array) -> jax.Array:
+        h = self.norm(h).astype(self.dtype)
+        if self.config.tie_word_embeddings:
+            head = self.embed_tokens[...].T
+        else:
+            head = self.lm_head.kernel[...]
+        return jnp.einsum("...i,iv->...v", h, head.astype(self.dtype),
+                          preferred_element_type=jnp.float32, precision=matmul_precision(self.dtype))
+
+    def _run_causal(self, tokens: jax.Array, segment_ids: jax.Array, plan: _AttentionPlan,
+                    cache: DecodeCache | None, write: bool) -> tuple[jax.Array, tuple]:
+        h = self._embed(tokens)
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layers[i]
+            h, layer_cache = layer.causal(h, segment_ids, plan, layer_cache, write)
+            new_layers.append(layer_cache)
+        return self._logits(h), tuple(new_layers)
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, cache: DecodeCache | None = None
+                 ) -> tuple[jax.Array, DecodeCache | None]:
+        """Causal mode. ``tokens [B, T]``; documents marked by ``segment_ids`` (default: one per
+        row); ``positions`` default to positions inside each document, and are required with a cache.
+
+        With a cache the tokens continue it (written at each row's ``length``) and the updated cache
+        is returned; every token must continue the document of the cache's last token or start one.
+        """
+        segment_ids = jnp.ones_like(tokens, jnp.int32) if segment_ids is None else segment_ids
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required when decoding with a cache")
+            positions = document_positions(segment_ids)
+        q_layout = TokenLayout.causal(segment_ids, positions)
+        if cache is None:
+            logits, _ = self._run_causal(tokens, segment_ids, _AttentionPlan(q_layout, q_layout, None),
+                                         None, write=False)
+            return logits, None
+        start = cache.length
+        written = DecodeCache(cache.layers, write_rows(cache.segment_ids, segment_ids, start),
+                              write_rows(cache.positions, positions, start),
+                              start + tokens.shape[1])
+        plan = _AttentionPlan(q_layout, written.layout(), start)
+        logits, layers = self._run_causal(tokens, segment_ids, plan, cache, write=True)
+        return logits, dataclasses.replace(written, layers=layers)
+
+    def denoise(self, tokens: jax.Array, cache: DecodeCache, positions: jax.Array,
+                segment_ids: jax.Array | None = None) -> jax.Array:
+        """Logits of one noisy block ``[B, bs]`` that follows the cache; the cache is only read.
+
+        The block sees every cached token of its document and all of its own tokens (attention
+        layers), and continues the cached conv window and recurrent state causally (linear layers),
+        exactly as noisy blocks do in FLARE training.
+        """
+        segment_ids = jnp.ones_like(tokens, jnp.int32) if segment_ids is None else segment_ids
+        ones = jnp.ones_like(segment_ids)
+        q_layout = TokenLayout(segment_ids, positions, ones, ones)
+        plan = _AttentionPlan(q_layout, cache.layout().concat(q_layout), None)
+        logits, _ = self._run_causal(tokens, segment_ids, plan, cache, write=False)
+        return logits
+
+    def flare(self, clean: jax.Array, noisy: jax.Array, layout: FlareLayout
+              ) -> tuple[jax.Array, jax.Array]:
+        """FLARE training mode: the clean row and its noised copy ``[B, L]`` in one pass.
+
+        Returns ``(clean_logits, noisy_logits)``, each ``[B, L, V]``.
+        """
+        h = self._embed(jnp.concatenate([clean, noisy], axis=1))
+        for layer in self.layers:
+            h = layer.flare(h, layout)
+        return tuple(jnp.split(self._logits(h), 2, axis=1))

@@ -1,0 +1,74 @@
+"""Basic layers: dense projections, RMSNorm (1 + w) and gated RMSNorm, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype | type
+
+
+def matmul_precision(dtype: Dtype) -> jax.lax.Precision:
+    """Full-precision matmuls for fp32 compute (parity runs), the fast default otherwise."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+class Dense(nnx.Module):
+    """``y = x @ kernel`` with ``kernel [in, out]``; compute in ``dtype``, accumulate in fp32."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype: Dtype, param_dtype: Dtype,
+                 rngs: nnx.Rngs, init_scale: float = 0.02):
+        self.dtype = dtype
+        self.kernel = nnx.Param(
+            init_scale * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                       preferred_element_type=jnp.float32, precision=matmul_precision(self.dtype))
+        return y.astype(self.dtype)
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """``x / rms(x)`` over the last axis, computed in fp32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+    """Qwen3.5 RMSNorm: fp32 normalisation scaled by ``(1 + weight)``, weight initialised to 0."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: Dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = 1.0 + self.weight[...].astype(jnp.float32)
+        return (rms_normalize(x, self.eps) * scale).astype(x.dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+    """Norm-then-gate of the Gated DeltaNet output: ``weight * norm(x) * silu(gate)``."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: Dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
+        normed = rms_normalize(x, self.eps).astype(x.dtype)
+        out = self.weight[...].astype(jnp.float32) * normed * jax.nn.silu(gate.astype(jnp.float32))
+        return out.astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden: int, intermediate: int, *, dtype: Dtype, param_dtype: Dtype,
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Dense(hidden, intermediate, **kw)
+        self.up_proj = Dense(hidden, intermediate, **kw)
+        self.down_proj = Dense(intermediate, hidden, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

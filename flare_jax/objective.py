@@ -1,0 +1,202 @@
+"""FLARE objective: noising of the noisy stream, AR and diffusion cross-entropies, their balance.
+
+Noise: each block (or each packed row) draws ``t ~ U(eps, 1)``; every maskable token of the noisy
+copy is replaced by ``mask_token_id`` with probability ``t`` (or a position-dependent rate of mean
+``t``).
+
+Loss, over supervised tokens only (log-softmax and sums in fp32):
+  - AR: clean logits at ``i`` predict ``tokens[i + 1]`` when both are in the same document and the
+    target is a loss token;
+  - diffusion: noisy logits predict each masked token; position ``i`` predicts token ``i``, or
+    with ``logit_shift`` position ``i - 1`` of the same document does (a masked document start
+    then has no predictor and is not supervised); optionally weighted by ``1 / t`` (ELBO weight);
+  - total ``(w_ar * sum_ar + w_diff * sum_diff) / (w_ar * n_ar + w_diff * n_diff)``: every
+    supervised token of either kind weighs the same; a weight of 0 ablates a term.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from flare_jax.layout import FlareLayout
+
+_NOISE_PER = ("block", "sequence")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseConfig:
+    """How the noisy stream is corrupted.
+
+    Attributes:
+      mask_token_id: id written over masked tokens.
+      eps: lower end of ``t ~ U(eps, 1)``, in ``[0, 1)``.
+      per: ``"block"`` draws one ``t`` per block of the row's grid, ``"sequence"`` one per
+        packed row.
+      position_dependent: if set, the token at offset ``j`` of a block of size ``S`` is masked with
+        rate ``t + min(t, 1 - t) * (2 (j + 0.5) / S - 1)``: a linear ramp rising toward the block's
+        end, inside ``[0, 1]``, whose mean over a full block is exactly ``t`` (steepest such ramp).
+    """
+
+    mask_token_id: int
+    eps: float = 1e-3
+    per: str = "block"
+    position_dependent: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mask_token_id, int) or self.mask_token_id < 0:
+            raise ValueError(
+                f"mask_token_id must be a non-negative int, got {self.mask_token_id!r}"
+            )
+        if not 0.0 <= self.eps < 1.0:
+            raise ValueError(f"eps must lie in [0, 1), got {self.eps!r}")
+        if self.per not in _NOISE_PER:
+            raise ValueError(f"per must be one of {_NOISE_PER}, got {self.per!r}")
+        if not isinstance(self.position_dependent, bool):
+            raise ValueError(
+                f"position_dependent must be a bool, got {self.position_dependent!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Balance of the FLARE loss terms.
+
+    Attributes:
+      ar_weight: weight of each AR token (0 gives diffusion-only training).
+      diffusion_weight: weight of each diffusion token (0 gives AR-only training).
+      logit_shift: noisy position ``i - 1`` predicts masked token ``i`` (as AR heads were
+        trained).
+      elbo_weighting: weight each diffusion token's cross-entropy by ``1 / t`` (needs ``eps > 0``
+        in the noise config so that ``t`` is never 0).
+    """
+
+    ar_weight: float = 1.0
+    diffusion_weight: float = 1.0
+    logit_shift: bool = False
+    elbo_weighting: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("ar_weight", "diffusion_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if self.ar_weight == 0 and self.diffusion_weight == 0:
+            raise ValueError("ar_weight and diffusion_weight are both 0: nothing would be trained")
+        for name in ("logit_shift", "elbo_weighting"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+
+def noise_rates(rng: jax.Array, layout: FlareLayout, cfg: NoiseConfig) -> jax.Array:
+    """Masking probability of every token, fp32 ``[B, L]``; ``t`` per block or per row."""
+    batch, length = layout.clean.shape
+    draws = layout.num_blocks if cfg.per == "block" else 1
+    t = jax.random.uniform(rng, (batch, draws), jnp.float32, minval=cfg.eps, maxval=1.0)
+    if cfg.per == "block":
+        rate = jnp.take_along_axis(t, layout.clean.block_ids, axis=1)
+    else:
+        rate = jnp.broadcast_to(t, (batch, length))
+    if cfg.position_dependent:
+        offset = jnp.arange(length, dtype=jnp.float32) % layout.block_size
+        ramp = 2.0 * (offset + 0.5) / layout.block_size - 1.0
+        rate = rate + jnp.minimum(rate, 1.0 - rate) * ramp
+    return rate
+
+
+def add_noise(
+    rng: jax.Array,
+    tokens: jax.Array,
+    layout: FlareLayout,
+    maskable: jax.Array,
+    cfg: NoiseConfig,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Corrupt the noisy copy of ``tokens [B, L]``.
+
+    ``maskable`` (bool ``[B, L]``) marks loss tokens: prompt tokens and padding are never masked.
+    Returns ``(noisy_tokens, noise_mask, t_per_token)``: the corrupted tokens, where the mask token
+    was written, and each token's masking rate (fp32).
+    """
+    _check_shapes(tokens=tokens, maskable=maskable, segment_ids=layout.clean.segment_ids)
+    rate_rng, mask_rng = jax.random.split(rng)
+    rate = noise_rates(rate_rng, layout, cfg)
+    draw = jax.random.uniform(mask_rng, tokens.shape, jnp.float32)
+    noise_mask = (draw < rate) & maskable.astype(bool)
+    noisy_tokens = jnp.where(noise_mask, jnp.asarray(cfg.mask_token_id, tokens.dtype), tokens)
+    return noisy_tokens, noise_mask, rate
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token ``-log softmax(logits)[target]`` in fp32; logits ``[B, L, V]``, targets
+    ``[B, L]``."""
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit[..., 0]
+
+
+def flare_loss(
+    clean_logits: jax.Array,
+    noisy_logits: jax.Array,
+    tokens: jax.Array,
+    noise_mask: jax.Array,
+    loss_mask: jax.Array,
+    segment_ids: jax.Array,
+    t_per_token: jax.Array,
+    cfg: LossConfig,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Token-balanced FLARE loss and its metrics.
+
+    Shapes: logits ``[B, L, V]`` (any float dtype), the rest ``[B, L]``. Metrics: ``loss``,
+    ``ar_loss`` / ``diffusion_loss`` (mean cross-entropy per supervised token, unweighted),
+    ``ar_tokens`` / ``diffusion_tokens`` (counts), and with ``elbo_weighting`` also
+    ``diffusion_elbo_loss`` (mean of the ``1 / t``-weighted cross-entropy).
+    """
+    _check_shapes(
+        tokens=tokens, noise_mask=noise_mask, loss_mask=loss_mask, segment_ids=segment_ids,
+        t_per_token=t_per_token, clean_logits=clean_logits[..., 0],
+        noisy_logits=noisy_logits[..., 0],
+    )
+    loss_mask = loss_mask.astype(bool)
+    same_doc_next = segment_ids[:, :-1] == segment_ids[:, 1:]
+
+    ar_valid = same_doc_next & loss_mask[:, 1:]
+    ar_ce = token_cross_entropy(clean_logits[:, :-1], tokens[:, 1:])
+
+    masked = noise_mask.astype(bool) & loss_mask
+    if cfg.logit_shift:
+        diff_valid = same_doc_next & masked[:, 1:]
+        diff_ce = token_cross_entropy(noisy_logits[:, :-1], tokens[:, 1:])
+        t = t_per_token[:, 1:]
+    else:
+        diff_valid = masked
+        diff_ce = token_cross_entropy(noisy_logits, tokens)
+        t = t_per_token
+    diff_weighted = diff_ce / t.astype(jnp.float32) if cfg.elbo_weighting else diff_ce
+
+    n_ar = jnp.sum(ar_valid, dtype=jnp.float32)
+    n_diff = jnp.sum(diff_valid, dtype=jnp.float32)
+    sum_ar = jnp.sum(jnp.where(ar_valid, ar_ce, 0.0))
+    sum_diff = jnp.sum(jnp.where(diff_valid, diff_ce, 0.0))
+    sum_diff_weighted = jnp.sum(jnp.where(diff_valid, diff_weighted, 0.0))
+
+    numerator = cfg.ar_weight * sum_ar + cfg.diffusion_weight * sum_diff_weighted
+    denominator = cfg.ar_weight * n_ar + cfg.diffusion_weight * n_diff
+    total = numerator / jnp.where(denominator > 0, denominator, 1.0)
+    metrics = {
+        "loss": total,
+        "ar_loss": sum_ar / jnp.maximum(n_ar, 1.0),
+        "ar_tokens": n_ar,
+        "diffusion_loss": sum_diff / jnp.maximum(n_diff, 1.0),
+        "diffusion_tokens": n_diff,
+    }
+    if cfg.elbo_weighting:
+        metrics["diffusion_elbo_loss"] = sum_diff_weighted / jnp.maximum(n_diff, 1.0)
+    return total, metrics
+
+
+def _check_shapes(**arrays: jax.Array) -> None:
+    shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 2:
+        raise ValueError(f"expected matching [B, L] shapes (logits [B, L, V]), got {shapes}")
