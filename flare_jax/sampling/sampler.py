@@ -1,0 +1,126 @@
+"""The public sampler: one checkpoint, batched generation from token ids or text."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tokenizers
+from flax import nnx
+
+from flare_jax.pretrained import Model, load
+from flare_jax.sampling.ar import generate_ar
+from flare_jax.sampling.batch import PromptBatch, bucket
+from flare_jax.sampling.token_selection import SamplingParams
+
+MODES = ("ar", "verified", "diffusion")
+IMPLEMENTED_MODES = ("ar",)
+LENGTH_BUCKET = 16
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """One request's output and statistics."""
+
+    tokens: list[int]
+    text: str | None
+    finish_reason: str  # "eos", "stop" or "length"
+    forward_passes: int
+    latency_s: float
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.tokens) / max(self.forward_passes, 1)
+
+
+class Sampler:
+    """Generate from a loaded :class:`~flare_jax.pretrained.Model` (and optional tokenizer)."""
+
+    def __init__(self, model: Model, tokenizer: tokenizers.Tokenizer | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self._graphdef, self._state = nnx.split(model.module)
+
+    @classmethod
+    def load(cls, ckpt_dir: str | Path, dtype: str = "float32", backend: str = "auto") -> Sampler:
+        """Load a checkpoint and, when present, its ``tokenizer.json``."""
+        model = load(ckpt_dir, dtype=dtype, backend=backend)
+        tokenizer_file = Path(ckpt_dir) / "tokenizer.json"
+        tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file)) \
+            if tokenizer_file.is_file() else None
+        return cls(model, tokenizer)
+
+    def _encode(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+        encoded = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError("text prompts need a tokenizer; pass token ids instead")
+                prompt = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            ids = [int(t) for t in prompt]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} holds token ids outside the vocabulary: {bad[:5]}")
+            encoded.append(ids)
+        return encoded
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], mode: str = "ar", *,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, stop: Sequence[str] = (),
+                 stop_token_ids: Sequence[int] | None = None, seed: int = 0
+                 ) -> list[GenerationResult]:
+        """Generate a continuation for each prompt (token-id lists or strings).
+
+        ``mode``: "ar" (one token per causal step). Generation ends at a token of
+        ``stop_token_ids`` (default: the config's EOS ids; the token is kept), after
+        ``max_new_tokens``, or at the first ``stop`` string (the text is cut before it).
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if mode not in IMPLEMENTED_MODES:
+            raise NotImplementedError(f"mode {mode!r} is not implemented yet; use 'ar'")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        params = SamplingParams(temperature, top_k, top_p)
+        encoded = self._encode(prompts)
+        config = self.model.config
+        batch = PromptBatch.left_padded(encoded, pad_id=config.pad_token_id or 0,
+                                        multiple=LENGTH_BUCKET)
+        cache_length = batch.tokens.shape[1] + bucket(max_new_tokens, LENGTH_BUCKET)
+        if cache_length > config.max_position_embeddings:
+            raise ValueError(f"prompt ({batch.tokens.shape[1]} padded) + max_new_tokens "
+                             f"({max_new_tokens}) exceeds the context of "
+                             f"{config.max_position_embeddings} tokens")
+        stop_ids = tuple(config.eos_token_id if stop_token_ids is None else stop_token_ids)
+        eos = jnp.asarray(stop_ids or (-1,), jnp.int32)
+        start = time.perf_counter()
+        out, num_new = generate_ar(
+            self._graphdef, self._state, jnp.asarray(batch.tokens), jnp.asarray(batch.segment_ids),
+            jnp.asarray(batch.positions), jnp.asarray(batch.lengths), eos, jax.random.key(seed),
+            max_new_tokens=max_new_tokens, params=params, cache_length=cache_length)
+        out, num_new = np.asarray(out), np.asarray(num_new)
+        latency = time.perf_counter() - start
+        return [self._result(out[i, :num_new[i]].tolist(), stop, set(stop_ids), int(num_new[i]),
+                             latency) for i in range(len(encoded))]
+
+    def _result(self, tokens: list[int], stop: Sequence[str], stop_ids: set[int], forwards: int,
+                latency: float) -> GenerationResult:
+        reason = "eos" if tokens and tokens[-1] in stop_ids else "length"
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(tokens)
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        return GenerationResult(tokens, text, reason, forwards, latency)
