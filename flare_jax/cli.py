@@ -1,0 +1,93 @@
+"""`flare` command line: thin argument parsing over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from flare_jax import convert_hf, export_hf
+
+    if args.direction == "hf-to-jax":
+        out = convert_hf(args.source, args.destination, dtype=args.dtype, overwrite=args.overwrite)
+    else:
+        out = export_hf(args.source, args.destination, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from flare_jax import Sampler
+
+    sampler = Sampler.load(args.checkpoint, dtype=args.dtype)
+    prompts = [json.loads(p) if args.token_ids else p for p in args.prompt]
+    results = sampler.generate(prompts, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               stop=args.stop, seed=args.seed)
+    for prompt, result in zip(args.prompt, results, strict=True):
+        print(json.dumps({"prompt": prompt, "text": result.text, "tokens": result.tokens,
+                          "finish_reason": result.finish_reason,
+                          "forward_passes": result.forward_passes,
+                          "tokens_per_forward": round(result.tokens_per_forward, 3)}))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from flare_jax.demo import run_demo
+
+    run_demo(Path(args.workdir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flare", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="HF safetensors <-> flare-jax checkpoint")
+    convert.add_argument("direction", choices=["hf-to-jax", "jax-to-hf"])
+    convert.add_argument("source", type=Path)
+    convert.add_argument("destination", type=Path)
+    convert.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                         help="hf-to-jax: parameter dtype ('auto' keeps the stored dtypes)")
+    convert.add_argument("--overwrite", action="store_true")
+    convert.set_defaults(run=_convert)
+
+    sample = commands.add_parser("sample", help="generate from a flare-jax checkpoint")
+    sample.add_argument("checkpoint", type=Path)
+    sample.add_argument("--prompt", action="append", required=True,
+                        help="a prompt (repeat for a batch)")
+    sample.add_argument("--token-ids", action="store_true",
+                        help="prompts are JSON lists of token ids instead of text")
+    sample.add_argument("--mode", default="ar", choices=["ar", "verified", "diffusion"])
+    sample.add_argument("--max-new-tokens", type=int, default=64)
+    sample.add_argument("--temperature", type=float, default=0.0)
+    sample.add_argument("--top-k", type=int, default=0)
+    sample.add_argument("--top-p", type=float, default=1.0)
+    sample.add_argument("--stop", action="append", default=[])
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    sample.set_defaults(run=_sample)
+
+    demo = commands.add_parser("demo", help="the end-to-end demo on an embedded default")
+    demo.add_argument("--workdir", default="runs/demo")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
+        print(f"flare {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Quick start on a fresh machine with Python 3.11: creates .venv, installs what the job needs, runs it.
+#   bash launch/quickstart.sh demo   # the main job: `flare demo` on the embedded default
+#   bash launch/quickstart.sh test   # lint + the test suite (CPU)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+job="${1:-demo}"
+python="${PYTHON:-python3.11}"
+command -v "$python" >/dev/null || python=python3
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+case "$job" in
+  demo)
+    .venv/bin/python -m pip install -q -e .
+    exec .venv/bin/flare demo "${@:2}"
+    ;;
+  test)
+    .venv/bin/python -m pip install -q -e ".[test]"
+    .venv/bin/ruff check .
+    exec .venv/bin/python -m pytest -q tests "${@:2}"
+    ;;
+  *)
+    echo "usage: bash launch/quickstart.sh demo|test" >&2
+    exit 2
+    ;;
+esac
