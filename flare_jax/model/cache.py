@@ -45,6 +45,12 @@ class DecodeCache:
     def max_length(self) -> int:
         return self.segment_ids.shape[1]
 
+    def continues(self, segment_ids: jax.Array) -> jax.Array:
+        """``[B]`` bool: whether new tokens ``segment_ids [B, T]`` continue the document of each
+        row's last cached token (False for an empty row)."""
+        last = jnp.take_along_axis(self.segment_ids, jnp.maximum(self.length - 1, 0)[:, None], 1)
+        return (self.length > 0) & (last[:, 0] == segment_ids[:, 0])
+
     def layout(self) -> TokenLayout:
         """Layout of the cache slots as clean keys of block 0."""
         return TokenLayout.causal(self.segment_ids, self.positions)

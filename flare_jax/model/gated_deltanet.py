@@ -71,18 +71,22 @@ class GatedDeltaNet(nnx.Module):
         o = self.norm(o.astype(self.dtype), z)
         return self.out_proj(o.reshape(batch, length, c.linear_value_dim))
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, cache: LinearCache | None = None
-                 ) -> tuple[jax.Array, LinearCache]:
-        """Causal pass over ``x [B, T, hidden]``, continuing from ``cache`` when given.
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, cache: LinearCache | None = None,
+                 continues: jax.Array | None = None) -> tuple[jax.Array, LinearCache]:
+        """Causal pass over ``x [B, T, hidden]``, continuing from ``cache`` in the rows where
+        ``continues [B]`` is True (other rows start a new document from zero state).
 
         Returns the output and the cache after the last token (conv window and recurrent state).
         """
         mixed = self.in_proj_qkv(x)
-        context = None if cache is None else cache.conv
+        context = initial_state = None
+        if cache is not None:
+            keep = continues[:, None, None]
+            context = jnp.where(keep, cache.conv, jnp.zeros_like(cache.conv))
+            initial_state = jnp.where(keep[..., None], cache.state, jnp.zeros_like(cache.state))
         conv_out = self._conv(mixed, segment_ids, context=context)
         inputs = self._inputs(x, conv_out)
-        o, state = ops.gated_delta(inputs, segment_ids=segment_ids,
-                                   initial_state=None if cache is None else cache.state,
+        o, state = ops.gated_delta(inputs, segment_ids=segment_ids, initial_state=initial_state,
                                    backend=self.backend)
         window = conv_window(mixed, segment_ids, context, self.config.linear_conv_kernel_dim)
         return self._output(x, o), LinearCache(window, state)

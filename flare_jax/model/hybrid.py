@@ -19,12 +19,14 @@ from pallas_kernels.block_attention.mask import TokenLayout
 
 
 @dataclasses.dataclass(frozen=True)
-class _AttentionPlan:
-    """How attention layers of one call read keys: see :meth:`GatedAttention.__call__`."""
+class _CallPlan:
+    """What the layers of one causal/denoise call read: attention keys (see
+    :meth:`GatedAttention.__call__`) and, with a cache, which rows continue its last document."""
 
     q_layout: TokenLayout
     kv_layout: TokenLayout
-    write_start: jax.Array | None
+    write_start: jax.Array | None = None
+    continues: jax.Array | None = None
 
 
 class DecoderLayer(nnx.Module):
@@ -46,13 +48,13 @@ class DecoderLayer(nnx.Module):
     def _mlp_block(self, h: jax.Array) -> jax.Array:
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def causal(self, h: jax.Array, segment_ids: jax.Array, plan: _AttentionPlan, cache, write: bool):
+    def causal(self, h: jax.Array, segment_ids: jax.Array, plan: _CallPlan, cache, write: bool):
         x = self.input_layernorm(h)
         if self.layer_type == FULL:
             mixed, new_cache = self.self_attn(x, plan.q_layout, plan.kv_layout, cache,
                                               plan.write_start)
         else:
-            mixed, new_cache = self.linear_attn(x, segment_ids, cache)
+            mixed, new_cache = self.linear_attn(x, segment_ids, cache, plan.continues)
         return self._mlp_block(h + mixed), (new_cache if write else cache)
 
     def flare(self, h: jax.Array, layout: FlareLayout) -> jax.Array:
@@ -101,7 +103,7 @@ class HybridLM(nnx.Module):
         return jnp.einsum("...i,iv->...v", h, head.astype(self.dtype),
                           preferred_element_type=jnp.float32, precision=matmul_precision(self.dtype))
 
-    def _run_causal(self, tokens: jax.Array, segment_ids: jax.Array, plan: _AttentionPlan,
+    def _run_causal(self, tokens: jax.Array, segment_ids: jax.Array, plan: _CallPlan,
                     cache: DecodeCache | None, write: bool) -> tuple[jax.Array, tuple]:
         h = self._embed(tokens)
         new_layers = []
@@ -117,8 +119,9 @@ class HybridLM(nnx.Module):
         """Causal mode. ``tokens [B, T]``; documents marked by ``segment_ids`` (default: one per
         row); ``positions`` default to positions inside each document, and are required with a cache.
 
-        With a cache the tokens continue it (written at each row's ``length``) and the updated cache
-        is returned; every token must continue the document of the cache's last token or start one.
+        With a cache the tokens follow it (written at each row's ``length``) and the updated cache
+        is returned. A row whose first new token has the segment id of the cache's last token
+        continues that document; otherwise it starts a new one (linear layers start from zero state).
         """
         segment_ids = jnp.ones_like(tokens, jnp.int32) if segment_ids is None else segment_ids
         if positions is None:
@@ -127,14 +130,14 @@ class HybridLM(nnx.Module):
             positions = document_positions(segment_ids)
         q_layout = TokenLayout.causal(segment_ids, positions)
         if cache is None:
-            logits, _ = self._run_causal(tokens, segment_ids, _AttentionPlan(q_layout, q_layout, None),
-                                         None, write=False)
+            logits, _ = self._run_causal(tokens, segment_ids, _CallPlan(q_layout, q_layout), None,
+                                         write=False)
             return logits, None
         start = cache.length
         written = DecodeCache(cache.layers, write_rows(cache.segment_ids, segment_ids, start),
                               write_rows(cache.positions, positions, start),
                               start + tokens.shape[1])
-        plan = _AttentionPlan(q_layout, written.layout(), start)
+        plan = _CallPlan(q_layout, written.layout(), start, cache.continues(segment_ids))
         logits, layers = self._run_causal(tokens, segment_ids, plan, cache, write=True)
         return logits, dataclasses.replace(written, layers=layers)
 
@@ -149,7 +152,8 @@ class HybridLM(nnx.Module):
         segment_ids = jnp.ones_like(tokens, jnp.int32) if segment_ids is None else segment_ids
         ones = jnp.ones_like(segment_ids)
         q_layout = TokenLayout(segment_ids, positions, ones, ones)
-        plan = _AttentionPlan(q_layout, cache.layout().concat(q_layout), None)
+        plan = _CallPlan(q_layout, cache.layout().concat(q_layout), None,
+                         cache.continues(segment_ids))
         logits, _ = self._run_causal(tokens, segment_ids, plan, cache, write=False)
         return logits
 

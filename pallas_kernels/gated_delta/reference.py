@@ -1,0 +1,304 @@
+"""Pure-jnp gated delta rule: the recurrent scan and the chunked (WY / UT-transform) form.
+
+Recurrence per (batch, value head) with state ``S`` of shape ``[Dk, Dv]`` (fp32)::
+
+    S' = exp(g_t) S_{t-1};  S_t = S' + k_t (beta_t (v_t - S'^T k_t))^T;  o_t = S_t^T (scale q_t)
+
+Before token ``t`` the state is zeroed when the token starts a new run of segment ids.
+
+Chunked form (chunk of ``L`` tokens, state ``S_n`` entering chunk ``n``). With ``G`` the in-chunk
+cumulative log decay, ``M[i, j]`` "same run and j <= i", ``c_i`` "token i continues the run that
+entered the chunk" and ``D[i, j] = M[i, j] exp(G_i - G_j)``::
+
+    (I + A) [u0 | w] = [beta v | beta c exp(G) k],   A[i, j] = beta_i D[i, j] (k_i . k_j), j < i
+    U   = u0 - w S_n                                  (the delta-rule corrected values)
+    O   = (c exp(G) q) S_n + ((q k^T) * D) U
+    S_{n+1} = c_L exp(G_L) S_n + (k * D[L, :])^T U
+
+Segment resets are masks (``M``, ``c``), never large negative decays. ``prepare_chunks`` computes
+the parallel per-chunk tensors; a ``scan`` function (``scan_chunks`` here, Pallas kernels
+elsewhere) runs the sequential part; ``chunked_pipeline`` glues them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+_HI = jax.lax.Precision.HIGHEST
+F32 = jnp.float32
+
+
+class ChunkTensors(NamedTuple):
+    """Per-chunk operands of the sequential scan, layout ``[N, NT, L, ...]`` (N = batch * heads)."""
+
+    qg: jax.Array  # [N, NT, L, Dk]  c exp(G) scale q
+    p: jax.Array  # [N, NT, L, L]   (scale q k^T) * D
+    w: jax.Array  # [N, NT, L, Dk]
+    u0: jax.Array  # [N, NT, L, Dv]
+    kd: jax.Array  # [N, NT, L, Dk]  k * D[L-1, :]
+    gam: jax.Array  # [N, NT]         c_L exp(G_L), fp32
+
+
+# scan(tensors, s0 [N, Dk, Dv], need_states) -> (o [N, NT, L, Dv], h [N, NT, Dk, Dv] fp32 states
+# entering each chunk (may be None unless need_states), s_final [N, Dk, Dv] fp32)
+ScanFn = Callable[[ChunkTensors, jax.Array, bool], tuple[jax.Array, jax.Array | None, jax.Array]]
+
+
+def reset_flags(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
+    """``[B, T]`` bool: True where the state resets before token t (never at t = 0)."""
+    if segment_ids is None:
+        return jnp.zeros((batch, length), bool)
+    seg = segment_ids.astype(jnp.int32)
+    return jnp.concatenate([jnp.zeros((batch, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+
+
+def expand_heads(x: jax.Array, num_v_heads: int) -> jax.Array:
+    """Repeat key heads so consecutive value heads share one (torch ``repeat_interleave``)."""
+    rep = num_v_heads // x.shape[2]
+    return x if rep == 1 else jnp.repeat(x, rep, axis=2)
+
+
+def _default_scale(scale: float | None, dk: int) -> float:
+    return dk**-0.5 if scale is None else scale
+
+
+def recurrent_gated_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Token-by-token ``lax.scan`` form. Shapes as in ``api.gated_delta_rule``; returns (o, S_T)."""
+    b, t, _, dk = q.shape
+    hv, dv = v.shape[2:]
+    scale = _default_scale(scale, dk)
+    qf = expand_heads(q, hv).astype(F32) * scale
+    kf = expand_heads(k, hv).astype(F32)
+    s0 = jnp.zeros((b, hv, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
+    xs = (
+        jnp.moveaxis(qf, 1, 0),
+        jnp.moveaxis(kf, 1, 0),
+        jnp.moveaxis(v.astype(F32), 1, 0),
+        jnp.moveaxis(g.astype(F32), 1, 0),
+        jnp.moveaxis(beta.astype(F32), 1, 0),
+        jnp.moveaxis(reset_flags(segment_ids, b, t), 1, 0),
+    )
+
+    def step(s, x):
+        qt, kt, vt, gt, bt, rt = x
+        s = jnp.where(rt[:, None, None, None], 0.0, s) * jnp.exp(gt)[..., None, None]
+        pred = jnp.einsum("bhkv,bhk->bhv", s, kt, precision=_HI)
+        s = s + kt[..., :, None] * (bt[..., None] * (vt - pred))[..., None, :]
+        return s, jnp.einsum("bhkv,bhk->bhv", s, qt, precision=_HI)
+
+    s_final, o = jax.lax.scan(step, s0, xs)
+    return jnp.moveaxis(o, 0, 1).astype(v.dtype), s_final
+
+
+def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, precision=_HI, preferred_element_type=F32)
+
+
+def _segmented_cumsum(x: jax.Array, restart: jax.Array) -> jax.Array:
+    """Cumulative sum over the last axis that starts afresh where ``restart`` is True."""
+
+    def combine(left, right):
+        (lx, lr), (rx, rr) = left, right
+        return jnp.where(rr, rx, lx + rx), lr | rr
+
+    restart = jnp.broadcast_to(restart, x.shape)
+    return jax.lax.associative_scan(combine, (x, restart), axis=x.ndim - 1)[0]
+
+
+_BASE_BLOCK = 16
+
+
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """``(I + a)^-1`` for strictly lower-triangular ``a [..., L, L]`` (fp32), by matmuls only.
+
+    Diagonal blocks of at most 16 rows are inverted by forward substitution (row i of
+    ``X = I - a X`` needs rows < i); halves merge as
+    ``[[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]``. Batched matmuls map to tensor
+    cores on accelerators, unlike a batched triangular solve.
+    """
+    n = a.shape[-1]
+    if n <= _BASE_BLOCK:
+        eye = jnp.eye(n, dtype=a.dtype)
+        x = jnp.broadcast_to(eye, a.shape)
+        for i in range(1, n):
+            x = x.at[..., i, :].set(eye[i] - _mm("...j,...jk->...k", a[..., i, :], x))
+        return x
+    h = n // 2
+    if n % 2:
+        x11, x22 = unit_lower_inverse(a[..., :h, :h]), unit_lower_inverse(a[..., h:, h:])
+    else:  # equal halves: one batched call
+        x11, x22 = unit_lower_inverse(jnp.stack([a[..., :h, :h], a[..., h:, h:]]))
+    x21 = -_mm("...ij,...jk->...ik", x22, _mm("...ij,...jk->...ik", a[..., h:, :h], x11))
+    top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
+    return jnp.concatenate([top, jnp.concatenate([x21, x22], axis=-1)], axis=-2)
+
+
+def prepare_chunks(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    reset: jax.Array,
+    chunk: int,
+    scale: float,
+    out_dtype: jnp.dtype = F32,
+) -> ChunkTensors:
+    """Per-chunk tensors of the chunked form (differentiable, no sequential dependence).
+
+    q, k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]``; g, beta: ``[B, H, T]``;
+    reset: ``[B, T]`` bool, where ``reset[:, 0]`` True means the initial state is not seen.
+    ``T`` must be a multiple of ``chunk``. Matmul operands keep the input dtype, accumulation
+    and everything decay-related is fp32; outputs are cast to ``out_dtype`` (``gam`` stays fp32).
+    """
+    b, h, t, dk = q.shape
+    nt = t // chunk
+    run = jnp.cumsum(reset.astype(jnp.int32), axis=1).reshape(b, nt, chunk)
+    run_in = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), run[:, :-1, -1]], axis=1)
+    carry = (run == run_in[..., None])[:, None]  # [B, 1, NT, L]
+    tri = jnp.tril(jnp.ones((chunk, chunk), bool))
+    same = (run[..., :, None] == run[..., None, :]) & tri  # [B, NT, L, L]
+    same = same[:, None]
+
+    def split(x):
+        return x.reshape(b, h, nt, chunk, *x.shape[3:])
+
+    qc, kc, vc = split(q), split(k), split(v)
+    # Cumulative log decay restarted at every reset, so that a document's decays never pass
+    # through another document's sums (keeps documents bit-for-bit independent in fp32).
+    gcum = _segmented_cumsum(split(g.astype(F32)), reset.reshape(b, 1, nt, chunk))
+    bc = split(beta.astype(F32))
+    diff = gcum[..., :, None] - gcum[..., None, :]
+    decay = jnp.where(same, jnp.exp(jnp.where(same, diff, 0.0)), 0.0)  # D
+    eg = jnp.where(carry, jnp.exp(gcum), 0.0)  # c exp(G)
+
+    kk = _mm("...id,...jd->...ij", kc, kc)
+    a = jnp.tril(bc[..., :, None] * kk * decay, -1)
+    t_inv = unit_lower_inverse(a)
+    u0 = _mm("...ij,...jd->...id", t_inv, bc[..., None] * vc.astype(F32))
+    w = _mm("...ij,...jd->...id", t_inv, (bc * eg)[..., None] * kc.astype(F32))
+    p = _mm("...id,...jd->...ij", qc, kc) * (decay * scale)
+    qg = (eg * scale)[..., None] * qc.astype(F32)
+    kd = decay[..., -1, :, None] * kc.astype(F32)
+    gam = eg[..., -1]
+
+    def flat(x):
+        return x.reshape(b * h, *x.shape[2:]).astype(out_dtype)
+
+    return ChunkTensors(flat(qg), flat(p), flat(w), flat(u0), flat(kd), gam.reshape(b * h, nt))
+
+
+_prepare_remat = jax.checkpoint(prepare_chunks, static_argnums=(6, 7, 8))
+
+
+def scan_chunks(
+    ct: ChunkTensors, s0: jax.Array, need_states: bool = True
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sequential inter-chunk scan as a ``lax.scan`` (the XLA reference of the kernels).
+
+    States are always returned (``need_states`` is accepted for the ``ScanFn`` contract)."""
+    del need_states
+    xs = tuple(jnp.moveaxis(x.astype(F32), 1, 0) for x in ct)
+
+    def step(s, x):
+        qg, p, w, u0, kd, gam = x
+        u = u0 - _mm("nld,ndv->nlv", w, s)
+        o = _mm("nld,ndv->nlv", qg, s) + _mm("nlm,nmv->nlv", p, u)
+        s_next = gam[:, None, None] * s + _mm("nld,nlv->ndv", kd, u)
+        return s_next, (o, s)
+
+    s_final, (o, h) = jax.lax.scan(step, s0.astype(F32), xs)
+    return jnp.moveaxis(o, 0, 1), jnp.moveaxis(h, 0, 1), s_final
+
+
+def chunked_pipeline(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    *,
+    scale: float | None,
+    initial_state: jax.Array | None,
+    reset: jax.Array,
+    chunk: int,
+    scan: ScanFn,
+    prep_dtype: jnp.dtype = F32,
+    need_states: bool = False,
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """Pad, prepare chunks, run ``scan``, unpad. Inputs in the public ``[B, T, H, D]`` layout.
+
+    ``reset``: ``[B, T]`` bool (see ``prepare_chunks``). Returns ``o [B, T, Hv, Dv]`` in v.dtype,
+    ``h [B, Hv, NT, Dk, Dv]`` (states entering each chunk; may be None unless ``need_states``)
+    and the final state, states in fp32. The chunk preparation is rematerialised in the backward.
+    """
+    b, t, _, dk = q.shape
+    hv, dv = v.shape[2:]
+    pad = -t % chunk
+
+    def heads_first(x):
+        x = jnp.moveaxis(x, 2, 1)  # [B, T, H, ...] -> [B, H, T, ...], then pad T
+        return jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+
+    scale = _default_scale(scale, dk)
+    ct = _prepare_remat(
+        heads_first(expand_heads(q, hv)),
+        heads_first(expand_heads(k, hv)),
+        heads_first(v),
+        heads_first(g),
+        heads_first(beta),
+        jnp.pad(reset, ((0, 0), (0, pad))),
+        chunk,
+        scale,
+        prep_dtype,
+    )
+    s0 = jnp.zeros((b, hv, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
+    o, h, s_final = scan(ct, s0.reshape(b * hv, dk, dv), need_states)
+    o = o.reshape(b, hv, t + pad, dv)[:, :, :t]
+    return (
+        jnp.moveaxis(o, 1, 2).astype(v.dtype),
+        None if h is None else h.reshape(b, hv, *h.shape[1:]),
+        s_final.reshape(b, hv, dk, dv),
+    )
+
+
+def chunk_gated_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = 64,
+) -> tuple[jax.Array, jax.Array]:
+    """Chunked form in pure jnp (jit-able, differentiable). Same contract as the recurrent form."""
+    o, _, s_final = chunked_pipeline(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale=scale,
+        initial_state=initial_state,
+        reset=reset_flags(segment_ids, q.shape[0], q.shape[1]),
+        chunk=chunk_size,
+        scan=scan_chunks,
+    )
+    return o, s_final
