@@ -69,8 +69,8 @@ class LossConfig:
       diffusion_weight: weight of each diffusion token (0 gives AR-only training).
       logit_shift: noisy position ``i - 1`` predicts masked token ``i`` (as AR heads were
         trained).
-      elbo_weighting: weight each diffusion token's cross-entropy by ``1 / t`` (needs ``eps > 0``
-        in the noise config so that ``t`` is never 0).
+      elbo_weighting: weight each diffusion token's cross-entropy by ``1 / t``, ``t`` being that
+        token's masking rate (needs ``eps > 0`` in the noise config so that ``t`` is never 0).
     """
 
     ar_weight: float = 1.0

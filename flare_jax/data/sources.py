@@ -47,35 +47,29 @@ class JsonlSource:
 
 
 class ParquetSource:
-    """Rows of a Parquet file with record columns; errors name the file and 0-based row."""
+    """Rows of a Parquet file with record columns; errors name the file and 0-based row.
+
+    The record columns are decoded into memory when the file is opened: shuffled access into
+    compressed row groups would decode a whole group per record. Corpora larger than memory
+    belong in ArrayRecord files.
+    """
 
     def __init__(self, path: str):
         pq = _import_parquet()
         self.path = path
-        meta = pq.ParquetFile(path).metadata
-        self._columns = [c for c in _RECORD_FIELDS if c in meta.schema.names]
-        if not self._columns:
-            raise RecordError(f"{path}: no column among {_RECORD_FIELDS}; got {meta.schema.names}")
-        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self._cached: tuple[int, list[dict[str, Any]]] | None = None
+        names = pq.ParquetFile(path).schema_arrow.names
+        columns = [c for c in _RECORD_FIELDS if c in names]
+        if not columns:
+            raise RecordError(f"{path}: no column among {_RECORD_FIELDS}; got {names}")
+        self._table = pq.read_table(path, columns=columns)
 
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return self._table.num_rows
 
     def __getitem__(self, index: int) -> Record:
-        group = int(np.searchsorted(self._starts, index, side="right")) - 1
-        if self._cached is None or self._cached[0] != group:
-            table = _import_parquet().ParquetFile(self.path).read_row_group(
-                group, columns=self._columns
-            )
-            self._cached = (group, table.to_pylist())
-        row = self._cached[1][index - int(self._starts[group])]
+        (row,) = self._table.slice(index, 1).to_pylist()
         raw = {k: v for k, v in row.items() if v is not None}
         return parse_record(raw, f"{self.path} row {index}")
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_cached": None}
 
 
 class ArrayRecordSource:

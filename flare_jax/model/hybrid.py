@@ -96,10 +96,8 @@ class HybridLM(nnx.Module):
 
     def _logits(self, h: jax.Array) -> jax.Array:
         h = self.norm(h).astype(self.dtype)
-        if self.config.tie_word_embeddings:
-            head = self.embed_tokens[...].T
-        else:
-            head = self.lm_head.kernel[...]
+        tied = self.config.tie_word_embeddings
+        head = self.embed_tokens[...].T if tied else self.lm_head.kernel[...]
         return jnp.einsum("...i,iv->...v", h, head.astype(self.dtype),
                           preferred_element_type=jnp.float32, precision=matmul_precision(self.dtype))
 
