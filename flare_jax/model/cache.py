@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from flare_jax.config import FULL, ModelConfig
 from pallas_kernels.block_attention.mask import EMPTY_SEGMENT, TokenLayout
+from pallas_kernels.gated_delta.api import GatedDeltaInputs
 
 
 @jax.tree_util.register_dataclass
@@ -32,6 +33,31 @@ class LinearCache:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class LinearPending:
+    """What a linear layer needs to end its cache after any prefix of the tokens just appended:
+    the conv context and recurrent state before them, their conv inputs ``mixed [B, T, C]`` and
+    gated-delta inputs."""
+
+    context: jax.Array
+    state: jax.Array
+    mixed: jax.Array
+    inputs: GatedDeltaInputs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PendingAppend:
+    """An append whose tokens may be cut back to a prefix (verified decoding): the row lengths
+    before it, the appended tokens' segment ids, and each linear layer's pending inputs (None for
+    attention layers, whose K/V beyond the kept prefix are hidden by emptying their slots)."""
+
+    start: jax.Array
+    segment_ids: jax.Array
+    layers: tuple[LinearPending | None, ...]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class DecodeCache:
     """All layers' caches plus slot metadata: ``segment_ids``/``positions [B, S]`` of each written
     slot (``EMPTY_SEGMENT`` where nothing is), and ``length [B]``, the number of slots written."""
@@ -50,6 +76,12 @@ class DecodeCache:
         row's last cached token (False for an empty row)."""
         last = jnp.take_along_axis(self.segment_ids, jnp.maximum(self.length - 1, 0)[:, None], 1)
         return (self.length > 0) & (last[:, 0] == segment_ids[:, 0])
+
+    def keep_slots(self, new_length: jax.Array) -> DecodeCache:
+        """Forget slots at or beyond ``new_length [B]`` (their metadata becomes empty)."""
+        slot = jnp.arange(self.max_length)[None, :]
+        segment_ids = jnp.where(slot < new_length[:, None], self.segment_ids, EMPTY_SEGMENT)
+        return dataclasses.replace(self, segment_ids=segment_ids, length=new_length)
 
     def layout(self) -> TokenLayout:
         """Layout of the cache slots as clean keys of block 0."""

@@ -9,7 +9,7 @@ from flax import nnx
 
 from flare_jax import ops
 from flare_jax.config import ModelConfig
-from flare_jax.model.cache import LinearCache
+from flare_jax.model.cache import LinearCache, LinearPending
 from flare_jax.model.conv import causal_depthwise_conv, conv_window
 from flare_jax.model.layers import Dense, Dtype, GatedRMSNorm
 from pallas_kernels.gated_delta.api import GatedDeltaInputs
@@ -72,11 +72,13 @@ class GatedDeltaNet(nnx.Module):
         return self.out_proj(o.reshape(batch, length, c.linear_value_dim))
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array, cache: LinearCache | None = None,
-                 continues: jax.Array | None = None) -> tuple[jax.Array, LinearCache]:
+                 continues: jax.Array | None = None
+                 ) -> tuple[jax.Array, LinearCache, LinearPending | None]:
         """Causal pass over ``x [B, T, hidden]``, continuing from ``cache`` in the rows where
         ``continues [B]`` is True (other rows start a new document from zero state).
 
-        Returns the output and the cache after the last token (conv window and recurrent state).
+        Returns the output, the cache after the last token (conv window and recurrent state) and,
+        with a cache, what :meth:`cache_after_prefix` needs to end it after fewer tokens.
         """
         mixed = self.in_proj_qkv(x)
         context = initial_state = None
@@ -89,7 +91,27 @@ class GatedDeltaNet(nnx.Module):
         o, state = ops.gated_delta(inputs, segment_ids=segment_ids, initial_state=initial_state,
                                    backend=self.backend)
         window = conv_window(mixed, segment_ids, context, self.config.linear_conv_kernel_dim)
-        return self._output(x, o), LinearCache(window, state)
+        pending = None if cache is None else LinearPending(context, initial_state, mixed, inputs)
+        return self._output(x, o), LinearCache(window, state), pending
+
+    def cache_after_prefix(self, pending: LinearPending, segment_ids: jax.Array,
+                           keep: jax.Array) -> LinearCache:
+        """The cache after only the first ``keep [B]`` of the appended tokens.
+
+        Tokens past the prefix get decay 0 and write strength 0, so they leave the state as it is;
+        only the gated delta recurrence is rerun (no projections).
+        """
+        valid = jnp.arange(segment_ids.shape[1])[None, :] < keep[:, None]
+        inputs = pending.inputs._replace(g=jnp.where(valid[..., None], pending.inputs.g, 0.0),
+                                         beta=jnp.where(valid[..., None], pending.inputs.beta, 0.0))
+        _, state = ops.gated_delta(inputs, segment_ids=segment_ids,
+                                   initial_state=pending.state, backend=self.backend)
+        pad = self.config.linear_conv_kernel_dim - 1
+        inputs_so_far = jnp.concatenate([pending.context.astype(pending.mixed.dtype),
+                                         pending.mixed], axis=1)
+        window = jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, pad))(
+            inputs_so_far, keep)
+        return LinearCache(window.astype(pending.context.dtype), state)
 
     def flare(self, x_clean: jax.Array, x_noisy: jax.Array, segment_ids: jax.Array,
               block_size: int) -> tuple[jax.Array, jax.Array]:

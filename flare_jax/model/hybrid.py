@@ -4,6 +4,7 @@ final norm and LM head, with the three call modes of the design: causal, flare a
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from flax import nnx
 from flare_jax.config import FULL, ModelConfig
 from flare_jax.layout import FlareLayout, document_positions
 from flare_jax.model.attention import GatedAttention
-from flare_jax.model.cache import DecodeCache, write_rows
+from flare_jax.model.cache import DecodeCache, PendingAppend, write_rows
 from flare_jax.model.gated_deltanet import GatedDeltaNet
 from flare_jax.model.layers import Dense, Dtype, RMSNorm, SwiGLU, matmul_precision
 from pallas_kernels.block_attention.mask import TokenLayout
@@ -49,13 +50,16 @@ class DecoderLayer(nnx.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def causal(self, h: jax.Array, segment_ids: jax.Array, plan: _CallPlan, cache, write: bool):
+        """Returns the new hidden states, the layer cache (updated when ``write``) and the
+        pending inputs of a linear layer's append (None otherwise)."""
         x = self.input_layernorm(h)
+        pending = None
         if self.layer_type == FULL:
             mixed, new_cache = self.self_attn(x, plan.q_layout, plan.kv_layout, cache,
                                               plan.write_start)
         else:
-            mixed, new_cache = self.linear_attn(x, segment_ids, cache, plan.continues)
-        return self._mlp_block(h + mixed), (new_cache if write else cache)
+            mixed, new_cache, pending = self.linear_attn(x, segment_ids, cache, plan.continues)
+        return self._mlp_block(h + mixed), (new_cache if write else cache), pending
 
     def flare(self, h: jax.Array, layout: FlareLayout) -> jax.Array:
         """``h`` is ``[B, 2L, hidden]``: the clean stream followed by the noisy stream."""
@@ -102,14 +106,15 @@ class HybridLM(nnx.Module):
                           preferred_element_type=jnp.float32, precision=matmul_precision(self.dtype))
 
     def _run_causal(self, tokens: jax.Array, segment_ids: jax.Array, plan: _CallPlan,
-                    cache: DecodeCache | None, write: bool) -> tuple[jax.Array, tuple]:
+                    cache: DecodeCache | None, write: bool) -> tuple[jax.Array, tuple, tuple]:
         h = self._embed(tokens)
-        new_layers = []
+        new_layers, pending = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
-            h, layer_cache = layer.causal(h, segment_ids, plan, layer_cache, write)
+            h, layer_cache, layer_pending = layer.causal(h, segment_ids, plan, layer_cache, write)
             new_layers.append(layer_cache)
-        return self._logits(h), tuple(new_layers)
+            pending.append(layer_pending)
+        return self._logits(h), tuple(new_layers), tuple(pending)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: DecodeCache | None = None
@@ -122,22 +127,42 @@ class HybridLM(nnx.Module):
         continues that document; otherwise it starts a new one (linear layers start from zero state).
         """
         segment_ids = jnp.ones_like(tokens, jnp.int32) if segment_ids is None else segment_ids
-        if positions is None:
-            if cache is not None:
+        if cache is not None:
+            if positions is None:
                 raise ValueError("positions are required when decoding with a cache")
-            positions = document_positions(segment_ids)
+            logits, cache, _ = self.append(tokens, segment_ids, positions, cache)
+            return logits, cache
+        positions = document_positions(segment_ids) if positions is None else positions
         q_layout = TokenLayout.causal(segment_ids, positions)
-        if cache is None:
-            logits, _ = self._run_causal(tokens, segment_ids, _CallPlan(q_layout, q_layout), None,
-                                         write=False)
-            return logits, None
+        logits, _, _ = self._run_causal(tokens, segment_ids, _CallPlan(q_layout, q_layout), None,
+                                        write=False)
+        return logits, None
+
+    def append(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+               cache: DecodeCache) -> tuple[jax.Array, DecodeCache, PendingAppend]:
+        """Causal pass over ``tokens [B, T]`` appended to the cache. Returns the logits, the cache
+        after all of them, and what :meth:`keep_prefix` needs to keep fewer of them."""
+        q_layout = TokenLayout.causal(segment_ids, positions)
         start = cache.length
         written = DecodeCache(cache.layers, write_rows(cache.segment_ids, segment_ids, start),
                               write_rows(cache.positions, positions, start),
                               start + tokens.shape[1])
         plan = _CallPlan(q_layout, written.layout(), start, cache.continues(segment_ids))
-        logits, layers = self._run_causal(tokens, segment_ids, plan, cache, write=True)
-        return logits, dataclasses.replace(written, layers=layers)
+        logits, layers, pending = self._run_causal(tokens, segment_ids, plan, cache, write=True)
+        return (logits, dataclasses.replace(written, layers=layers),
+                PendingAppend(start, segment_ids, pending))
+
+    def keep_prefix(self, cache: DecodeCache, pending: PendingAppend, keep: jax.Array
+                    ) -> DecodeCache:
+        """Cut the last :meth:`append` back to its first ``keep [B]`` tokens per row (the appended
+        tokens must continue one document). Attention slots past the prefix are emptied; linear
+        layers rerun only their recurrence from the state before the append."""
+        layers = tuple(
+            layer_cache if layer_pending is None else
+            self.layers[i].linear_attn.cache_after_prefix(layer_pending, pending.segment_ids, keep)
+            for i, (layer_cache, layer_pending) in enumerate(zip(cache.layers, pending.layers,
+                                                                 strict=True)))
+        return dataclasses.replace(cache, layers=layers).keep_slots(pending.start + keep)
 
     def denoise(self, tokens: jax.Array, cache: DecodeCache, positions: jax.Array,
                 segment_ids: jax.Array | None = None) -> jax.Array:
@@ -152,16 +177,26 @@ class HybridLM(nnx.Module):
         q_layout = TokenLayout(segment_ids, positions, ones, ones)
         plan = _CallPlan(q_layout, cache.layout().concat(q_layout), None,
                          cache.continues(segment_ids))
-        logits, _ = self._run_causal(tokens, segment_ids, plan, cache, write=False)
+        logits, _, _ = self._run_causal(tokens, segment_ids, plan, cache, write=False)
         return logits
 
-    def flare(self, clean: jax.Array, noisy: jax.Array, layout: FlareLayout
+    def flare(self, clean: jax.Array, noisy: jax.Array, layout: FlareLayout, *,
+              remat: bool = False, constrain: Callable[[jax.Array], jax.Array] | None = None
               ) -> tuple[jax.Array, jax.Array]:
         """FLARE training mode: the clean row and its noised copy ``[B, L]`` in one pass.
 
+        ``remat`` recomputes each decoder layer in the backward pass instead of storing its
+        activations; ``constrain`` is applied to the hidden states ``[B, 2L, hidden]`` after the
+        embedding and every layer (training uses it for sharding constraints).
         Returns ``(clean_logits, noisy_logits)``, each ``[B, L, V]``.
         """
-        h = self._embed(jnp.concatenate([clean, noisy], axis=1))
+        keep = constrain if constrain is not None else (lambda x: x)
+        run = nnx.remat(_layer_flare) if remat else _layer_flare
+        h = keep(self._embed(jnp.concatenate([clean, noisy], axis=1)))
         for layer in self.layers:
-            h = layer.flare(h, layout)
+            h = keep(run(layer, h, layout))
         return tuple(jnp.split(self._logits(h), 2, axis=1))
+
+
+def _layer_flare(layer: DecoderLayer, h: jax.Array, layout: FlareLayout) -> jax.Array:
+    return layer.flare(h, layout)

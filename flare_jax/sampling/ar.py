@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flare_jax.model.cache import init_cache
 from flare_jax.sampling.batch import PROMPT_SEGMENT
+from flare_jax.sampling.prefill import prefill
 from flare_jax.sampling.token_selection import SamplingParams, select_tokens
 
 
@@ -17,18 +17,17 @@ from flare_jax.sampling.token_selection import SamplingParams, select_tokens
 def generate_ar(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, segment_ids: jax.Array,
                 positions: jax.Array, lengths: jax.Array, eos_ids: jax.Array, rng: jax.Array, *,
                 max_new_tokens: int, params: SamplingParams, cache_length: int
-                ) -> tuple[jax.Array, jax.Array]:
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Decode up to ``max_new_tokens`` per row of a left-padded prompt batch.
 
-    Returns ``(new_tokens [B, max_new_tokens], num_new [B])``: tokens after a row's first EOS are
-    padding; ``num_new`` counts tokens up to and including that EOS.
+    Returns ``(new_tokens [B, max_new_tokens], num_new [B], forward_passes [B])``: tokens after a
+    row's first stop token are padding; ``num_new`` counts tokens up to and including it.
     """
     model = nnx.merge(graphdef, state)
     batch = tokens.shape[0]
-    cache = init_cache(model.config, batch, cache_length, model.dtype)
-    logits, cache = model(tokens, segment_ids, positions, cache)
+    logits, cache = prefill(model, tokens, segment_ids, positions, cache_length)
     rng, step_rng = jax.random.split(rng)
-    first = select_tokens(logits[:, -1], params, step_rng)
+    first = select_tokens(logits, params, step_rng)
     out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos_ids)
     num_new = jnp.ones((batch,), jnp.int32)
@@ -51,4 +50,4 @@ def generate_ar(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, seg
 
     carry = (jnp.int32(1), cache, first, out, done, num_new, rng)
     _, _, _, out, _, num_new, _ = jax.lax.while_loop(cond, body, carry)
-    return out, num_new
+    return out, num_new, num_new

@@ -16,10 +16,12 @@ from flax import nnx
 from flare_jax.pretrained import Model, load
 from flare_jax.sampling.ar import generate_ar
 from flare_jax.sampling.batch import PromptBatch, bucket
+from flare_jax.sampling.denoising import DenoiseSchedule
+from flare_jax.sampling.diffusion import generate_diffusion
 from flare_jax.sampling.token_selection import SamplingParams
+from flare_jax.sampling.verified import generate_verified
 
 MODES = ("ar", "verified", "diffusion")
-IMPLEMENTED_MODES = ("ar",)
 LENGTH_BUCKET = 16
 
 
@@ -76,43 +78,62 @@ class Sampler:
     def generate(self, prompts: Sequence[str | Sequence[int]], mode: str = "ar", *,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, stop: Sequence[str] = (),
-                 stop_token_ids: Sequence[int] | None = None, seed: int = 0
-                 ) -> list[GenerationResult]:
-        """Generate a continuation for each prompt (token-id lists or strings).
+                 stop_token_ids: Sequence[int] | None = None, block_size: int = 8,
+                 threshold: float = 0.9, steps_per_block: int = 0, sub_blocks: int = 1,
+                 logit_shift: bool = False, seed: int = 0) -> list[GenerationResult]:
+        """Generate a continuation for each prompt (token-id lists or strings), batched.
 
-        ``mode``: "ar" (one token per causal step). Generation ends at a token of
-        ``stop_token_ids`` (default: the config's EOS ids; the token is kept), after
-        ``max_new_tokens``, or at the first ``stop`` string (the text is cut before it).
+        Modes: "ar" (one token per causal step); "diffusion" (blocks of ``block_size`` mask
+        tokens denoised in parallel: each step commits every masked position whose probability
+        passes ``threshold``, at least one, or with ``steps_per_block`` > 0 a fixed number of steps
+        per block; ``sub_blocks`` unmasks a block in left-to-right pieces; then one causal pass per
+        block writes the caches); "verified" (the diffusion draft of each block is checked by the
+        causal pass, keeping its longest prefix that equals the causal model's own choices; with
+        ``temperature=0`` the output equals "ar" token for token). ``logit_shift`` must match how
+        the checkpoint was trained. Generation ends at a token of ``stop_token_ids`` (default: the
+        config's EOS ids; the token is kept), after ``max_new_tokens``, or at the first ``stop``
+        string (the text is cut before it).
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-        if mode not in IMPLEMENTED_MODES:
-            raise NotImplementedError(f"mode {mode!r} is not implemented yet; use 'ar'")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
+        if mode != "ar" and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         params = SamplingParams(temperature, top_k, top_p)
-        encoded = self._encode(prompts)
+        schedule = DenoiseSchedule(block_size, steps_per_block, sub_blocks, logit_shift)
         config = self.model.config
+        if mode != "ar" and config.mask_token_id is None:
+            raise ValueError(f"mode {mode!r} needs the model config's mask_token_id (set when the "
+                             "checkpoint is trained with FLARE)")
+        encoded = self._encode(prompts)
         batch = PromptBatch.left_padded(encoded, pad_id=config.pad_token_id or 0,
                                         multiple=LENGTH_BUCKET)
-        cache_length = batch.tokens.shape[1] + bucket(max_new_tokens, LENGTH_BUCKET)
+        extra = 0 if mode == "ar" else block_size
+        cache_length = batch.tokens.shape[1] + bucket(max_new_tokens + extra, LENGTH_BUCKET)
         if cache_length > config.max_position_embeddings:
             raise ValueError(f"prompt ({batch.tokens.shape[1]} padded) + max_new_tokens "
                              f"({max_new_tokens}) exceeds the context of "
                              f"{config.max_position_embeddings} tokens")
         stop_ids = tuple(config.eos_token_id if stop_token_ids is None else stop_token_ids)
-        eos = jnp.asarray(stop_ids or (-1,), jnp.int32)
+        args = (self._graphdef, self._state, jnp.asarray(batch.tokens),
+                jnp.asarray(batch.segment_ids), jnp.asarray(batch.positions),
+                jnp.asarray(batch.lengths), jnp.asarray(stop_ids or (-1,), jnp.int32))
         start = time.perf_counter()
-        out, num_new = generate_ar(
-            self._graphdef, self._state, jnp.asarray(batch.tokens), jnp.asarray(batch.segment_ids),
-            jnp.asarray(batch.positions), jnp.asarray(batch.lengths), eos, jax.random.key(seed),
-            max_new_tokens=max_new_tokens, params=params, cache_length=cache_length)
-        out, num_new = np.asarray(out), np.asarray(num_new)
+        if mode == "ar":
+            out = generate_ar(*args, jax.random.key(seed), max_new_tokens=max_new_tokens,
+                              params=params, cache_length=cache_length)
+        else:
+            run = generate_diffusion if mode == "diffusion" else generate_verified
+            out = run(*args, jnp.float32(threshold), jax.random.key(seed),
+                      max_new_tokens=max_new_tokens, params=params, schedule=schedule,
+                      mask_id=config.mask_token_id, cache_length=cache_length)
+        tokens, num_new, forwards = (np.asarray(x) for x in out)
         latency = time.perf_counter() - start
-        return [self._result(out[i, :num_new[i]].tolist(), stop, set(stop_ids), int(num_new[i]),
-                             latency) for i in range(len(encoded))]
+        return [self._result(tokens[i, :num_new[i]].tolist(), stop, set(stop_ids),
+                             int(forwards[i]), latency) for i in range(len(encoded))]
 
     def _result(self, tokens: list[int], stop: Sequence[str], stop_ids: set[int], forwards: int,
                 latency: float) -> GenerationResult:
