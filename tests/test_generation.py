@@ -38,7 +38,7 @@ def test_batched_greedy_equals_hf_generate(models, which):
         expected = hf_greedy(hf_model, prompt, 20)
         assert result.tokens == expected
         assert result.finish_reason == ("eos" if expected[-1] == 1 else "length")
-        assert result.forward_passes == len(expected)
+        assert result.forward_passes == len(expected) + 1  # prefill + one pass per token
 
 
 def test_eos_stops_a_row(models):

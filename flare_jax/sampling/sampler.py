@@ -14,14 +14,12 @@ import tokenizers
 from flax import nnx
 
 from flare_jax.pretrained import Model, load
-from flare_jax.sampling.ar import generate_ar
 from flare_jax.sampling.batch import PromptBatch, bucket
 from flare_jax.sampling.denoising import DenoiseSchedule
-from flare_jax.sampling.diffusion import generate_diffusion
+from flare_jax.sampling.loop import generate_batch
+from flare_jax.sampling.rounds import MODES, DecodeSettings
 from flare_jax.sampling.token_selection import SamplingParams
-from flare_jax.sampling.verified import generate_verified
 
-MODES = ("ar", "verified", "diffusion")
 LENGTH_BUCKET = 16
 
 
@@ -94,25 +92,22 @@ class Sampler:
         config's EOS ids; the token is kept), after ``max_new_tokens``, or at the first ``stop``
         string (the text is cut before it).
         """
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         if mode != "ar" and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-        params = SamplingParams(temperature, top_k, top_p)
-        schedule = DenoiseSchedule(block_size, steps_per_block, sub_blocks, logit_shift)
         config = self.model.config
-        if mode != "ar" and config.mask_token_id is None:
-            raise ValueError(f"mode {mode!r} needs the model config's mask_token_id (set when the "
-                             "checkpoint is trained with FLARE)")
+        settings = DecodeSettings(
+            mode, SamplingParams(temperature, top_k, top_p),
+            DenoiseSchedule(block_size, steps_per_block, sub_blocks, logit_shift),
+            -1 if config.mask_token_id is None else config.mask_token_id)
         encoded = self._encode(prompts)
         batch = PromptBatch.left_padded(encoded, pad_id=config.pad_token_id or 0,
                                         multiple=LENGTH_BUCKET)
-        extra = 0 if mode == "ar" else block_size
-        cache_length = batch.tokens.shape[1] + bucket(max_new_tokens + extra, LENGTH_BUCKET)
+        cache_length = batch.tokens.shape[1] + bucket(max_new_tokens + settings.tokens_per_round,
+                                                      LENGTH_BUCKET)
         if cache_length > config.max_position_embeddings:
             raise ValueError(f"prompt ({batch.tokens.shape[1]} padded) + max_new_tokens "
                              f"({max_new_tokens}) exceeds the context of "
@@ -122,14 +117,9 @@ class Sampler:
                 jnp.asarray(batch.segment_ids), jnp.asarray(batch.positions),
                 jnp.asarray(batch.lengths), jnp.asarray(stop_ids or (-1,), jnp.int32))
         start = time.perf_counter()
-        if mode == "ar":
-            out = generate_ar(*args, jax.random.key(seed), max_new_tokens=max_new_tokens,
-                              params=params, cache_length=cache_length)
-        else:
-            run = generate_diffusion if mode == "diffusion" else generate_verified
-            out = run(*args, jnp.float32(threshold), jax.random.key(seed),
-                      max_new_tokens=max_new_tokens, params=params, schedule=schedule,
-                      mask_id=config.mask_token_id, cache_length=cache_length)
+        out = generate_batch(*args, jnp.float32(threshold), jax.random.key(seed),
+                             settings=settings, max_new_tokens=max_new_tokens,
+                             cache_length=cache_length)
         tokens, num_new, forwards = (np.asarray(x) for x in out)
         latency = time.perf_counter() - start
         return [self._result(tokens[i, :num_new[i]].tolist(), stop, set(stop_ids),

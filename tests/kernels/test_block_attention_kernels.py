@@ -1,0 +1,159 @@
+"""Pallas kernels (interpret mode on CPU) against the jnp reference: values, gradients, leakage."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_block_attention_reference import (
+    assert_no_leakage,
+    decode_case,
+    flare_row,
+    qkv,
+    rule_mask,
+)
+
+from pallas_kernels.block_attention import gpu, tiles, tpu
+from pallas_kernels.block_attention.api import block_attention
+from pallas_kernels.block_attention.mask import EMPTY_SEGMENT, TokenLayout, dense_mask
+
+BACKENDS = ["gpu_interpret", "tpu_interpret"]
+KERNELS = {"gpu_interpret": gpu, "tpu_interpret": tpu}
+# non-square tiles of 16/32 tokens (the GPU backward takes its two kernels' tiles separately)
+SMALL_BWD_TILES = {"gpu_interpret": dict(dq_blocks=(16, 32), dkv_blocks=(32, 16)),
+                   "tpu_interpret": dict(blocks=(16, 32))}
+
+# tolerance: both sides are fp32; the kernels sum in another order (online softmax over tiles),
+# so values and gradients agree to a few fp32 ulps of O(1) numbers.
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def loss_and_grads(backend: str, q, k, v, q_layout, kv_layout, scale=None):
+    """Output and gradients of a random linear functional of it (exercises every output entry)."""
+    w = jnp.asarray(np.random.default_rng(7).standard_normal(q.shape, np.float32))
+
+    def loss(q, k, v):
+        out = block_attention(q, k, v, q_layout, kv_layout, scale=scale, backend=backend)
+        return jnp.sum(out.astype(jnp.float32) * w), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, grads
+
+
+def assert_matches_reference(backend, q, k, v, q_layout, kv_layout, scale=None, tol=TOL):
+    """Kernel output and gradients equal the reference's; returns the kernel's (out, grads)."""
+    out, grads = loss_and_grads(backend, q, k, v, q_layout, kv_layout, scale)
+    ref_out, ref_grads = loss_and_grads("reference", q, k, v, q_layout, kv_layout, scale)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), **tol)
+    for name, g, r in zip("qkv", grads, ref_grads, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(r, np.float32), **tol, err_msg=f"d{name}"
+        )
+    return out, grads
+
+
+def stack_rows(*layouts: TokenLayout) -> TokenLayout:
+    """Batch single-row layouts (rows of one call may follow different attention forms)."""
+    return jax.tree.map(lambda *rows: jnp.concatenate(rows, axis=0), *layouts)
+
+
+def packed_causal(lengths: list[int]) -> TokenLayout:
+    seg = np.repeat(np.arange(len(lengths)), lengths)[None]
+    pos = np.concatenate([np.arange(n) for n in lengths])[None]
+    return TokenLayout.causal(jnp.asarray(seg, jnp.int32), jnp.asarray(pos, jnp.int32))
+
+
+def batch_qkv(seed: int, batch: int, tq: int, tk: int, **kw):
+    return tuple(
+        jnp.concatenate(xs, axis=0)
+        for xs in zip(*(qkv(seed + r, tq, tk, **kw) for r in range(batch)), strict=True)
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_rows_small_tiles_match_reference(backend):
+    """Row 0: FLARE row, documents starting mid-block; row 1: packed causal documents. GQA 4:2.
+
+    16/32-token tiles (non-square, several per document): many tiles are skipped, many take the
+    unmasked fast path, and T = 200 is padded to whole tiles.
+    """
+    layout = stack_rows(flare_row([37, 50, 13], block_size=8), packed_causal([30, 120, 50]))
+    q, k, v = batch_qkv(10, 2, 200, 200, hq=4, hkv=2, d=16)
+    kernel = KERNELS[backend]
+    forward = jax.jit(functools.partial(kernel.forward, scale=0.3, interpret=True, blocks=(16, 32)))
+    backward = jax.jit(functools.partial(kernel.backward, scale=0.3, interpret=True,
+                                         **SMALL_BWD_TILES[backend]))
+    reference = lambda *a: block_attention(*a, layout, layout, scale=0.3, backend="reference")
+    out, lse = forward(q, k, v, layout, layout)
+    d_out = jnp.asarray(np.random.default_rng(3).standard_normal(out.shape, np.float32))
+    ref_out, vjp = jax.vjp(reference, q, k, v)
+    np.testing.assert_allclose(out, ref_out, **TOL)
+    grads = backward(q, k, v, layout, layout, out, lse, d_out)
+    for name, g, r in zip("qkv", grads, vjp(d_out), strict=True):
+        np.testing.assert_allclose(g, r, **TOL, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_and_denoise_with_empty_query(backend):
+    """Row 0: decode queries vs a part-filled cache; row 1: a noisy block (denoise). GQA 4:1."""
+    decode_q, decode_kv = decode_case(tq=5, tk=40, filled=21)
+    denoise_q, denoise_kv = decode_case(tq=5, tk=40, filled=24, noisy_queries=True)
+    q_layout, kv_layout = stack_rows(decode_q, denoise_q), stack_rows(decode_kv, denoise_kv)
+    # one query of an unknown document sees nothing: its output and gradients must be exactly 0
+    q_layout = TokenLayout(
+        q_layout.segment_ids.at[0, 2].set(9), q_layout.positions, q_layout.block_ids, q_layout.noisy
+    )
+    q, k, v = batch_qkv(13, 2, 5, 40, hq=4, hkv=1, d=16)
+    out, (dq, _, _) = assert_matches_reference(backend, q, k, v, q_layout, kv_layout)
+    assert np.all(np.asarray(out[0, 2]) == 0.0) and np.all(np.asarray(dq[0, 2]) == 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_close_to_fp32_reference(backend):
+    layout = flare_row([48, 16], block_size=16)
+    q, k, v = qkv(14, 128, 128, hq=4, hkv=2, d=64, dtype=jnp.bfloat16)
+    out = block_attention(q, k, v, layout, layout, backend=backend)
+    assert out.dtype == jnp.bfloat16
+    ref = block_attention(*(a.astype(jnp.float32) for a in (q, k, v)), layout, layout, backend="reference")
+    # tolerance: bf16 probabilities feed the PV matmul (8 mantissa bits) and the output is bf16.
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_has_no_leakage(backend):
+    layout = flare_row([21, 11], block_size=4)
+    assert_no_leakage(backend, layout, layout, [5, 32 + 6, 32 + 25])
+
+
+@jax.jit
+def _schedule(layout: TokenLayout):
+    q = tiles.pad_layout(layout, 256, tiles.PAD_QUERY_SEGMENT)
+    kv = tiles.pad_layout(layout, 256, EMPTY_SEGMENT)
+    maybe, full = tiles.tile_visibility(q, kv, 16, 32)
+    return maybe, full, tiles.tile_lists(maybe, full), dense_mask(q, kv)
+
+
+def test_tile_visibility_is_conservative_and_tight():
+    # row 0: long document (fast-path tiles); row 1: four short documents straddling tiles
+    layout = stack_rows(flare_row([100, 28], block_size=8), flare_row([30, 41, 19, 38], block_size=8))
+    maybe, full, (lists, partial, counts), dense = jax.tree.map(np.asarray, _schedule(layout))
+    dense = dense.reshape(2, 16, 16, 8, 32)
+    assert np.all(maybe >= dense.any(axis=(2, 4)))  # never skips a tile holding a visible pair
+    assert np.all(full <= dense.all(axis=(2, 4)))  # never drops the mask of a partial tile
+    assert maybe[0].mean() < 0.5 and full[0].sum() >= 0.25 * maybe[0].sum()
+    # tiles mixing the end of one document and the start of the next are not taken as visible
+    # from the first document's early queries: on this row the schedule is exact
+    np.testing.assert_array_equal(maybe[1], dense[1].any(axis=(1, 3)))
+    for b in range(2):
+        for i in range(maybe.shape[1]):
+            listed = lists[b, i, : counts[b, i]]
+            np.testing.assert_array_equal(listed, np.flatnonzero(maybe[b, i]))
+            np.testing.assert_array_equal(partial[b, i, : counts[b, i]], ~full[b, i, listed])
+
+
+def test_rule_mask_helper_agrees_with_mask_module():
+    layout = flare_row([5, 6])
+    np.testing.assert_array_equal(rule_mask(layout, layout), dense_mask(layout, layout)[0])
