@@ -17,7 +17,7 @@ from flare_jax.pretrained import Model, load
 from flare_jax.sampling.batch import PromptBatch, bucket
 from flare_jax.sampling.denoising import DenoiseSchedule
 from flare_jax.sampling.loop import generate_batch
-from flare_jax.sampling.rounds import MODES, DecodeSettings
+from flare_jax.sampling.rounds import DecodeSettings
 from flare_jax.sampling.token_selection import SamplingParams
 
 LENGTH_BUCKET = 16

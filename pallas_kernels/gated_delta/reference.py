@@ -7,8 +7,8 @@ Recurrence per (batch, value head) with state ``S`` of shape ``[Dk, Dv]`` (fp32)
 Before token ``t`` the state is zeroed when the token starts a new run of segment ids.
 
 Chunked form (chunk of ``L`` tokens, state ``S_n`` entering chunk ``n``). With ``G`` the in-chunk
-cumulative log decay, ``M[i, j]`` "same run and j <= i", ``c_i`` "token i continues the run that
-entered the chunk" and ``D[i, j] = M[i, j] exp(G_i - G_j)``::
+cumulative log decay (restarted at resets), ``M[i, j]`` "same run and j <= i", ``c_i`` "token i
+continues the run that entered the chunk" and ``D[i, j] = M[i, j] exp(G_i - G_j)``::
 
     (I + A) [u0 | w] = [beta v | beta c exp(G) k],   A[i, j] = beta_i D[i, j] (k_i . k_j), j < i
     U   = u0 - w S_n                                  (the delta-rule corrected values)
@@ -132,18 +132,20 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
     """
     n = a.shape[-1]
     if n <= _BASE_BLOCK:
-        eye = jnp.eye(n, dtype=a.dtype)
-        x = jnp.broadcast_to(eye, a.shape)
-        for i in range(1, n):
-            x = x.at[..., i, :].set(eye[i] - _mm("...j,...jk->...k", a[..., i, :], x))
-        return x
+
+        def row(i, x):
+            a_i = jax.lax.dynamic_index_in_dim(a, i, axis=a.ndim - 2, keepdims=False)
+            x_i = (jnp.arange(n) == i).astype(a.dtype) - _mm("...j,...jk->...k", a_i, x)
+            return jax.lax.dynamic_update_index_in_dim(x, x_i, i, axis=a.ndim - 2)
+
+        return jax.lax.fori_loop(1, n, row, jnp.broadcast_to(jnp.eye(n, dtype=a.dtype), a.shape))
     h = n // 2
     if n % 2:
         x11, x22 = unit_lower_inverse(a[..., :h, :h]), unit_lower_inverse(a[..., h:, h:])
     else:  # equal halves: one batched call
         x11, x22 = unit_lower_inverse(jnp.stack([a[..., :h, :h], a[..., h:, h:]]))
     x21 = -_mm("...ij,...jk->...ik", x22, _mm("...ij,...jk->...ik", a[..., h:, :h], x11))
-    top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
+    top = jnp.concatenate([x11, jnp.zeros((*a.shape[:-2], h, n - h), a.dtype)], axis=-1)
     return jnp.concatenate([top, jnp.concatenate([x21, x22], axis=-1)], axis=-2)
 
 

@@ -1,0 +1,190 @@
+"""Public gated delta rule: backend dispatch, the FLARE handoff mode, the kernels' custom VJP."""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import ModuleType
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gated_delta import reference
+from pallas_kernels.gated_delta.reference import F32, ChunkTensors, ScanFn
+
+BACKENDS = ("auto", "reference", "gpu", "tpu", "gpu_interpret", "tpu_interpret")
+
+
+class GatedDeltaInputs(NamedTuple):
+    """One stream of gated-delta inputs (shapes as in ``gated_delta_rule``)."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    g: jax.Array
+    beta: jax.Array
+
+
+def resolve_backend(backend: str) -> str:
+    """Map ``auto`` to the platform's kernel (``gpu`` / ``tpu``) or ``reference`` on CPU."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    platform = jax.default_backend()
+    return platform if platform in ("gpu", "tpu") else "reference"
+
+
+def _kernels(backend: str) -> tuple[ModuleType, bool]:
+    """The kernel module of a Pallas backend and whether it runs in interpret mode."""
+    if backend.startswith("gpu"):
+        from pallas_kernels.gated_delta import gpu as module
+    else:
+        from pallas_kernels.gated_delta import tpu as module
+    return module, backend.endswith("_interpret")
+
+
+def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=F32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _kernel_scan(backend: str, need_states: bool, ct: ChunkTensors, s0: jax.Array):
+    module, interpret = _kernels(backend)
+    return module.scan_fwd(ct, s0, write_states=need_states, interpret=interpret)
+
+
+def _kernel_scan_fwd(backend: str, need_states: bool, ct: ChunkTensors, s0: jax.Array):
+    module, interpret = _kernels(backend)
+    o, h, s_final = module.scan_fwd(ct, s0, write_states=True, interpret=interpret)
+    return (o, h if need_states else None, s_final), (ct, h)
+
+
+def _kernel_scan_bwd(backend: str, need_states: bool, residuals, cotangents):
+    """Kernel reverse scan for the state cotangents, then the per-chunk matmuls in XLA."""
+    ct, h = residuals
+    do, dh, ds_final = cotangents
+    module, interpret = _kernels(backend)
+    du, dh_next, ds0 = module.scan_bwd(ct, do, ds_final, dh if need_states else None, interpret=interpret)
+    # Matmul operands in the chunk tensors' dtype (bf16 on the fast path), fp32 accumulation.
+    dt = ct.w.dtype
+    h_c, do_c, du_c = h.astype(dt), do.astype(dt), du.astype(dt)
+    u = ct.u0.astype(F32) - _mm("ntlk,ntkv->ntlv", ct.w, h_c)
+    u_c = u.astype(dt)
+    grads = ChunkTensors(
+        qg=_mm("ntlv,ntkv->ntlk", do_c, h_c),
+        p=_mm("ntlv,ntmv->ntlm", do_c, u_c),
+        w=-_mm("ntlv,ntkv->ntlk", du_c, h_c),
+        u0=du,
+        kd=_mm("ntlv,ntkv->ntlk", u_c, dh_next.astype(dt)),
+        gam=jnp.sum(h * dh_next, axis=(-2, -1)),
+    )
+    return ChunkTensors(*(d.astype(x.dtype) for d, x in zip(grads, ct, strict=True))), ds0
+
+
+_kernel_scan.defvjp(_kernel_scan_fwd, _kernel_scan_bwd)
+
+
+def _scan_fn(backend: str) -> ScanFn:
+    if backend == "reference":
+        return reference.scan_chunks
+    return lambda ct, s0, need_states: _kernel_scan(backend, need_states, ct, s0)
+
+
+def _prep_dtype(backend: str, v: jax.Array) -> jnp.dtype:
+    """Reference keeps fp32 chunk tensors; kernels read them in the input dtype."""
+    return jnp.float32 if backend == "reference" else v.dtype
+
+
+def gated_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = 64,
+    backend: str = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """Chunked gated delta rule; returns ``(o, final_state)``.
+
+    q, k: ``[B, T, Hk, Dk]`` (L2-normalised); v: ``[B, T, Hv, Dv]`` with ``Hv % Hk == 0``;
+    g (log decay, <= 0), beta: ``[B, T, Hv]``; initial_state: ``[B, Hv, Dk, Dv]`` or None;
+    segment_ids: ``[B, T]`` int or None (state resets where the id changes). ``o`` has v's dtype,
+    the final state is fp32. ``T == 1`` uses the recurrent step.
+    """
+    backend = resolve_backend(backend)
+    if q.shape[1] == 1:
+        return reference.recurrent_gated_delta_rule(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, segment_ids=segment_ids
+        )
+    o, _, s_final = reference.chunked_pipeline(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale=scale,
+        initial_state=initial_state,
+        reset=reference.reset_flags(segment_ids, q.shape[0], q.shape[1]),
+        chunk=chunk_size,
+        scan=_scan_fn(backend),
+        prep_dtype=_prep_dtype(backend, v),
+    )
+    return o, s_final
+
+
+def _to_blocks(x: jax.Array, num_blocks: int) -> jax.Array:
+    """``[B, T, ...]`` -> ``[B * num_blocks, T / num_blocks, ...]``."""
+    return x.reshape(x.shape[0] * num_blocks, x.shape[1] // num_blocks, *x.shape[2:])
+
+
+def gated_delta_rule_handoff(
+    clean: GatedDeltaInputs,
+    noisy: GatedDeltaInputs,
+    *,
+    block_size: int,
+    segment_ids: jax.Array | None,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    chunk_size: int = 64,
+    backend: str = "auto",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """FLARE recurrent-state handoff; returns ``(o_clean, o_noisy, final_state_of_clean)``.
+
+    Block ``b`` covers tokens ``[b * block_size, (b + 1) * block_size)``. Its noisy tokens start
+    from the clean state just before clean token ``b * block_size`` and run causally within the
+    block (same segment resets, including at the block's first token); they never feed later
+    blocks. The clean stream runs with chunk ``gcd(chunk_size, block_size)`` so that block starts
+    are chunk boundaries whose states the scan emits; all noisy blocks then run as one batched
+    chunked scan (one kernel launch) from those states.
+    """
+    backend = resolve_backend(backend)
+    b, t = clean.q.shape[:2]
+    chunk = math.gcd(chunk_size, block_size)
+    pad = -t % block_size
+    num_blocks = (t + pad) // block_size
+
+    def padded(x: jax.Array) -> jax.Array:
+        return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+    reset = padded(reference.reset_flags(segment_ids, b, t))
+    scan = _scan_fn(backend)
+    common = dict(scale=scale, chunk=chunk, scan=scan, prep_dtype=_prep_dtype(backend, clean.v))
+    o_clean, h, s_final = reference.chunked_pipeline(
+        *map(padded, clean), initial_state=initial_state, reset=reset, need_states=True, **common
+    )
+    starts = h[:, :, :: block_size // chunk]  # [B, Hv, num_blocks, Dk, Dv]
+    starts = jnp.moveaxis(starts, 2, 1).reshape(b * num_blocks, *starts.shape[1:2], *h.shape[3:])
+    o_noisy, _, _ = reference.chunked_pipeline(
+        *(_to_blocks(padded(x), num_blocks) for x in noisy),
+        initial_state=starts,
+        reset=_to_blocks(reset, num_blocks),
+        **common,
+    )
+    o_noisy = o_noisy.reshape(b, t + pad, *o_noisy.shape[2:])[:, :t]
+    return o_clean[:, :t], o_noisy, s_final
