@@ -1,10 +1,10 @@
-"""The public sampler: one checkpoint, batched generation from token ids or text."""
+"""The public sampler: one checkpoint, batched generation from token ids, text or chats."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -13,6 +13,8 @@ import numpy as np
 import tokenizers
 from flax import nnx
 
+from flare_jax.data.chat import RenderFn
+from flare_jax.data.records import Message
 from flare_jax.pretrained import Model, load
 from flare_jax.sampling.batch import PromptBatch, bucket
 from flare_jax.sampling.denoising import DenoiseSchedule
@@ -21,6 +23,7 @@ from flare_jax.sampling.rounds import DecodeSettings
 from flare_jax.sampling.token_selection import SamplingParams
 
 LENGTH_BUCKET = 16
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
 
 
 @dataclasses.dataclass
@@ -39,27 +42,42 @@ class GenerationResult:
 
 
 class Sampler:
-    """Generate from a loaded :class:`~flare_jax.pretrained.Model` (and optional tokenizer)."""
+    """Generate from a loaded :class:`~flare_jax.pretrained.Model`.
 
-    def __init__(self, model: Model, tokenizer: tokenizers.Tokenizer | None = None):
+    ``tokenizer`` decodes text and encodes string prompts; ``chat_template`` (a render function
+    ``(messages, add_generation_prompt) -> str``) formats chat prompts when ``chat=True``.
+    """
+
+    def __init__(self, model: Model, tokenizer: tokenizers.Tokenizer | None = None,
+                 chat_template: RenderFn | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self._graphdef, self._state = nnx.split(model.module)
+        self.chat_template = chat_template
+        self.graphdef, self.state = nnx.split(model.module)
 
     @classmethod
     def load(cls, ckpt_dir: str | Path, dtype: str = "float32", backend: str = "auto") -> Sampler:
-        """Load a checkpoint and, when present, its ``tokenizer.json``."""
-        model = load(ckpt_dir, dtype=dtype, backend=backend)
-        tokenizer_file = Path(ckpt_dir) / "tokenizer.json"
-        tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file)) \
-            if tokenizer_file.is_file() else None
-        return cls(model, tokenizer)
+        """Load a checkpoint with its ``tokenizer.json`` and chat template when present."""
+        from flare_jax.data.tokenize import DocumentTokenizer
 
-    def _encode(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+        model = load(ckpt_dir, dtype=dtype, backend=backend)
+        tokenizer = template = None
+        if (Path(ckpt_dir) / "tokenizer.json").is_file():
+            try:
+                document = DocumentTokenizer.from_dir(str(ckpt_dir))
+                tokenizer, template = document.tokenizer, document.template.render
+            except ValueError:  # no EOS named or ChatML tokens missing: plain text only
+                tokenizer = tokenizers.Tokenizer.from_file(str(Path(ckpt_dir) / "tokenizer.json"))
+        return cls(model, tokenizer, template)
+
+    def encode(self, prompts: Sequence[Prompt], chat: bool = False) -> list[list[int]]:
+        """Token ids of each prompt (validated); chats are rendered with the chat template."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-            raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+            raise ValueError("prompts must be a non-empty list of strings, token-id lists or chats")
         encoded = []
         for i, prompt in enumerate(prompts):
+            if chat:
+                prompt = self._render_chat(prompt, i)
             if isinstance(prompt, str):
                 if self.tokenizer is None:
                     raise ValueError("text prompts need a tokenizer; pass token ids instead")
@@ -73,13 +91,36 @@ class Sampler:
             encoded.append(ids)
         return encoded
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], mode: str = "ar", *,
+    def _render_chat(self, prompt: Prompt, index: int) -> str:
+        if self.chat_template is None:
+            raise ValueError("chat=True needs a chat template (Sampler.load reads the checkpoint's)")
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        try:
+            messages = [Message(m["role"], m["content"]) for m in prompt]
+        except (TypeError, KeyError):
+            raise ValueError(f"chat prompt {index} must be a string or a list of "
+                             "{'role': ..., 'content': ...} messages") from None
+        return self.chat_template(messages, True)
+
+    def decode_settings(self, mode: str, temperature: float, top_k: int, top_p: float,
+                        block_size: int, steps_per_block: int, sub_blocks: int,
+                        logit_shift: bool) -> DecodeSettings:
+        """Validated static settings of a decoding mode for this model."""
+        mask_id = self.model.config.mask_token_id
+        return DecodeSettings(mode, SamplingParams(temperature, top_k, top_p),
+                              DenoiseSchedule(block_size, steps_per_block, sub_blocks, logit_shift),
+                              -1 if mask_id is None else mask_id)
+
+    def generate(self, prompts: Sequence[Prompt], mode: str = "ar", *,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, stop: Sequence[str] = (),
                  stop_token_ids: Sequence[int] | None = None, block_size: int = 8,
                  threshold: float = 0.9, steps_per_block: int = 0, sub_blocks: int = 1,
-                 logit_shift: bool = False, seed: int = 0) -> list[GenerationResult]:
-        """Generate a continuation for each prompt (token-id lists or strings), batched.
+                 logit_shift: bool = False, chat: bool = False, seed: int = 0
+                 ) -> list[GenerationResult]:
+        """Generate a continuation for each prompt (token-id lists, strings, or chats with
+        ``chat=True``), as one static batch.
 
         Modes: "ar" (one token per causal step); "diffusion" (blocks of ``block_size`` mask
         tokens denoised in parallel: each step commits every masked position whose probability
@@ -90,7 +131,7 @@ class Sampler:
         ``temperature=0`` the output equals "ar" token for token). ``logit_shift`` must match how
         the checkpoint was trained. Generation ends at a token of ``stop_token_ids`` (default: the
         config's EOS ids; the token is kept), after ``max_new_tokens``, or at the first ``stop``
-        string (the text is cut before it).
+        string (the text is cut before it). For streaming and slot refill use :class:`Engine`.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -98,12 +139,10 @@ class Sampler:
             raise ValueError("stop strings need a tokenizer")
         if mode != "ar" and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        settings = self.decode_settings(mode, temperature, top_k, top_p, block_size,
+                                        steps_per_block, sub_blocks, logit_shift)
         config = self.model.config
-        settings = DecodeSettings(
-            mode, SamplingParams(temperature, top_k, top_p),
-            DenoiseSchedule(block_size, steps_per_block, sub_blocks, logit_shift),
-            -1 if config.mask_token_id is None else config.mask_token_id)
-        encoded = self._encode(prompts)
+        encoded = self.encode(prompts, chat)
         batch = PromptBatch.left_padded(encoded, pad_id=config.pad_token_id or 0,
                                         multiple=LENGTH_BUCKET)
         cache_length = batch.tokens.shape[1] + bucket(max_new_tokens + settings.tokens_per_round,
@@ -113,25 +152,41 @@ class Sampler:
                              f"({max_new_tokens}) exceeds the context of "
                              f"{config.max_position_embeddings} tokens")
         stop_ids = tuple(config.eos_token_id if stop_token_ids is None else stop_token_ids)
-        args = (self._graphdef, self._state, jnp.asarray(batch.tokens),
-                jnp.asarray(batch.segment_ids), jnp.asarray(batch.positions),
-                jnp.asarray(batch.lengths), jnp.asarray(stop_ids or (-1,), jnp.int32))
         start = time.perf_counter()
-        out = generate_batch(*args, jnp.float32(threshold), jax.random.key(seed),
-                             settings=settings, max_new_tokens=max_new_tokens,
-                             cache_length=cache_length)
-        tokens, num_new, forwards = (np.asarray(x) for x in out)
+        out = generate_batch(
+            self.graphdef, self.state, jnp.asarray(batch.tokens), jnp.asarray(batch.segment_ids),
+            jnp.asarray(batch.positions), jnp.asarray(batch.lengths),
+            jnp.asarray(stop_ids or (-1,), jnp.int32), jnp.float32(threshold),
+            jax.random.key(seed), settings=settings, max_new_tokens=max_new_tokens,
+            cache_length=cache_length)
+        tokens, num_new, passes = (np.asarray(x) for x in out)
         latency = time.perf_counter() - start
-        return [self._result(tokens[i, :num_new[i]].tolist(), stop, set(stop_ids),
-                             int(forwards[i]), latency) for i in range(len(encoded))]
+        results = []
+        for i in range(len(encoded)):
+            row = tokens[i, :num_new[i]].tolist()
+            cut = self.stop_index(row, stop)
+            results.append(self.make_result(row if cut is None else row[:cut], stop,
+                                            set(stop_ids), int(passes[i]), latency))
+        return results
 
-    def _result(self, tokens: list[int], stop: Sequence[str], stop_ids: set[int], forwards: int,
-                latency: float) -> GenerationResult:
+    def stop_index(self, tokens: list[int], stop: Sequence[str]) -> int | None:
+        """Number of tokens to keep when the decoded text contains a stop string (None if not):
+        the shortest prefix whose text contains it."""
+        if not stop or self.tokenizer is None:
+            return None
+        if not any(s in self.tokenizer.decode(tokens) for s in stop):
+            return None
+        return next(n for n in range(1, len(tokens) + 1)
+                    if any(s in self.tokenizer.decode(tokens[:n]) for s in stop))
+
+    def make_result(self, tokens: list[int], stop: Sequence[str], stop_ids: set[int],
+                    passes: int, latency: float) -> GenerationResult:
+        """A result with the text cut before the first stop string."""
         reason = "eos" if tokens and tokens[-1] in stop_ids else "length"
         text = None
         if self.tokenizer is not None:
             text = self.tokenizer.decode(tokens)
-            cut = min((text.find(s) for s in stop if s in text), default=-1)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
-        return GenerationResult(tokens, text, reason, forwards, latency)
+            cuts = [text.find(s) for s in stop if s in text]
+            if cuts:
+                text, reason = text[:min(cuts)], "stop"
+        return GenerationResult(tokens, text, reason, passes, latency)
