@@ -24,15 +24,37 @@ def _sample(args: argparse.Namespace) -> None:
     from flare_jax import Sampler
 
     sampler = Sampler.load(args.checkpoint, dtype=args.dtype)
+    if args.cache_report:
+        from flare_jax.model.cache import cache_memory_summary
+
+        print(cache_memory_summary(sampler.model.config, sampler.model.module.dtype,
+                                   sampler.model.config.max_position_embeddings))
     prompts = [json.loads(p) if args.token_ids else p for p in args.prompt]
     results = sampler.generate(prompts, mode=args.mode, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               stop=args.stop, seed=args.seed)
+                               stop=args.stop, block_size=args.block_size,
+                               threshold=args.threshold, steps_per_block=args.steps_per_block,
+                               sub_blocks=args.sub_blocks, logit_shift=args.logit_shift,
+                               chat=args.chat, seed=args.seed)
     for prompt, result in zip(args.prompt, results, strict=True):
         print(json.dumps({"prompt": prompt, "text": result.text, "tokens": result.tokens,
                           "finish_reason": result.finish_reason,
                           "forward_passes": result.forward_passes,
                           "tokens_per_forward": round(result.tokens_per_forward, 3)}))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from flare_jax.train import apply_overrides, load_config_file, train
+
+    cfg = load_config_file(args.config)
+    apply_overrides(cfg, args.overrides)
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    result = train(cfg)
+    if result.export_dir is not None:
+        print(f"wrote {result.export_dir}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -67,18 +89,45 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-k", type=int, default=0)
     sample.add_argument("--top-p", type=float, default=1.0)
     sample.add_argument("--stop", action="append", default=[])
+    sample.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
+    sample.add_argument("--block-size", type=int, default=8, help="diffusion/verified block size")
+    sample.add_argument("--threshold", type=float, default=0.9,
+                        help="diffusion/verified: commit masked tokens above this confidence")
+    sample.add_argument("--steps-per-block", type=int, default=0,
+                        help="diffusion/verified: fixed denoising steps per block (0: threshold)")
+    sample.add_argument("--sub-blocks", type=int, default=1)
+    sample.add_argument("--logit-shift", action="store_true",
+                        help="the checkpoint was trained with the diffusion logit shift")
+    sample.add_argument("--cache-report", action="store_true",
+                        help="print cache memory per token and per request")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     sample.set_defaults(run=_sample)
 
+    train = commands.add_parser(
+        "train", help="FLARE training from a config file",
+        epilog="Override any field with --config.<section>.<field>=<value> (a Python literal).")
+    train.add_argument("--config", type=Path, required=True, help="configs/<name>.py")
+    train.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() (multi-host launchers)")
+    train.set_defaults(run=_train, overrides=[])
+
     demo = commands.add_parser("demo", help="the end-to-end demo on an embedded default")
     demo.add_argument("--workdir", default="runs/demo")
     demo.set_defaults(run=_demo)
+
+    from flare_jax.data.tools.cli import add_data_commands
+
+    add_data_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown and args.command != "train":
+        build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "train":
+        args.overrides = unknown
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

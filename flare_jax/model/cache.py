@@ -128,3 +128,17 @@ def cache_bytes_per_request(config: ModelConfig, dtype: jnp.dtype) -> int:
     conv = (config.linear_conv_kernel_dim - 1) * config.linear_conv_dim * jnp.dtype(dtype).itemsize
     state = config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
     return n_linear * (conv + state) + 4
+
+
+def cache_memory_summary(config: ModelConfig, dtype: jnp.dtype, max_length: int,
+                         batch: int = 1) -> str:
+    """Human-readable cache sizes: per token, per request and for ``batch`` rows of
+    ``max_length`` tokens."""
+    per_token = cache_bytes_per_token(config, dtype)
+    per_request = cache_bytes_per_request(config, dtype)
+    total = batch * (per_request + max_length * per_token)
+    mib = 1024**2
+    return (f"cache ({jnp.dtype(dtype).name} K/V, fp32 recurrent states): "
+            f"{per_token / 1024:.1f} KiB per token (attention layers), "
+            f"{per_request / mib:.2f} MiB per request (conv windows + recurrent states); "
+            f"{batch} x {max_length} tokens = {total / mib:.1f} MiB")
