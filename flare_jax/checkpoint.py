@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from flare_jax.config import ModelConfig
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 HF_CONFIG_FILE = "hf_config.json"
+GROUPS_FILE = "groups.json"
 FORMAT_NAME = "flare-jax"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja",
@@ -77,21 +78,66 @@ def flatten(tree: Nested, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...],
     return out
 
 
-def save_params(directory: Path, params: Nested) -> None:
-    """Write ``params`` (nested dict of numpy/jax arrays) as an Orbax checkpoint at ``directory``."""
+def param_group(path: tuple[str, ...]) -> str:
+    """The save group of a parameter: one per decoder layer, one per other top-level entry."""
+    return f"{path[0]}.{path[1]}" if path[0] == "layers" else path[0]
+
+
+def split_groups(params: Nested) -> dict[str, Nested]:
+    """``params`` as ``{group name: sub-tree}`` (see :func:`param_group`)."""
+    groups: dict[str, dict] = {}
+    for path, value in flatten(params).items():
+        groups.setdefault(param_group(path), {})[path] = value
+    return {name: nest(flat) for name, flat in groups.items()}
+
+
+def save_param_groups(directory: Path, groups: Iterable[tuple[str, Nested]]) -> None:
+    """Write parameter groups one at a time, each as an Orbax checkpoint ``directory/<group>``,
+    then the manifest ``groups.json``. Only one group need be in memory at a time, which keeps
+    conversion of large checkpoints near one copy of the weights."""
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(Path(directory).absolute(), params)
-    checkpointer.wait_until_finished()
+    names = []
+    for name, tree in groups:
+        checkpointer.save(directory / name, tree)
+        checkpointer.wait_until_finished()
+        names.append(name)
+    (directory / GROUPS_FILE).write_text(json.dumps(names) + "\n")
+
+
+def save_params(directory: Path, params: Nested) -> None:
+    """Write ``params`` (nested dict of numpy/jax arrays) as grouped Orbax checkpoints."""
+    save_param_groups(directory, split_groups(params).items())
+
+
+def param_group_names(directory: Path) -> list[str]:
+    """The groups of a parameter checkpoint, from its manifest."""
+    manifest = Path(directory) / GROUPS_FILE
+    if not manifest.is_file():
+        raise CheckpointError(f"{directory}: no {GROUPS_FILE}; not a complete flare-jax parameter "
+                              "checkpoint")
+    return json.loads(manifest.read_text())
+
+
+def load_param_group(directory: Path, name: str, abstract: Nested | None = None) -> Nested:
+    """Read one parameter group (optionally onto the shapes/shardings of ``abstract``)."""
+    checkpointer = ocp.StandardCheckpointer()
+    path = Path(directory).absolute() / name
+    return checkpointer.restore(path, abstract) if abstract is not None else \
+        checkpointer.restore(path)
 
 
 def load_params(directory: Path, abstract: Nested | None = None) -> Nested:
-    """Read an Orbax parameter checkpoint (optionally onto the shapes/shardings of ``abstract``)."""
+    """Read a whole parameter checkpoint (optionally onto ``abstract``'s shapes/shardings)."""
     directory = Path(directory).absolute()
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: parameter checkpoint not found")
-    checkpointer = ocp.StandardCheckpointer()
-    return checkpointer.restore(directory, abstract) if abstract is not None else \
-        checkpointer.restore(directory)
+    targets = split_groups(abstract) if abstract is not None else {}
+    flat: dict[tuple[str, ...], Any] = {}
+    for name in param_group_names(directory):
+        flat.update(flatten(load_param_group(directory, name, targets.get(name))))
+    return nest(flat)
 
 
 def write_model_config(directory: Path, config: ModelConfig, hf_config: dict | None) -> None:

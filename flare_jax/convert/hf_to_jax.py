@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
 from flare_jax.checkpoint import (
+    PARAMS_DIR,
     atomic_directory,
     copy_tokenizer_files,
     nest,
-    save_params,
+    param_group,
+    save_param_groups,
     write_model_config,
 )
 from flare_jax.config import ModelConfig
@@ -87,13 +91,15 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "auto", *,
     if problems:
         raise ConversionError(f"{hf_dir} does not match {config_path.name}: " + "; ".join(problems))
 
-    flat = {}
-    for spec in specs:
-        _, entry = by_text_name[spec.hf_name]
-        flat[spec.path] = _cast(to_ours(spec, read_tensor(entry)), dtype)
+    def groups() -> Iterator[tuple[str, dict]]:
+        """Read and convert one parameter group at a time (specs come in group order)."""
+        for name, group in itertools.groupby(specs, key=lambda spec: param_group(spec.path)):
+            flat = {spec.path: _cast(to_ours(spec, read_tensor(by_text_name[spec.hf_name][1])),
+                                     dtype) for spec in group}
+            yield name, nest(flat)
+
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        save_params(tmp / "params", nest(flat))
-        del flat
+        save_param_groups(tmp / PARAMS_DIR, groups())
         write_model_config(tmp, config, hf_config)
         copy_tokenizer_files(hf_dir, tmp)
     return Path(out_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,10 +12,13 @@ import numpy as np
 from flare_jax.checkpoint import (
     HF_CONFIG_FILE,
     PARAMS_DIR,
+    CheckpointError,
     atomic_directory,
     copy_tokenizer_files,
     flatten,
-    load_params,
+    load_param_group,
+    param_group,
+    param_group_names,
     read_model_config,
 )
 from flare_jax.config import ModelConfig
@@ -50,11 +54,18 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int
     config = read_model_config(ckpt_dir)
     hf_config_path = ckpt_dir / HF_CONFIG_FILE
     hf_config = json.loads(hf_config_path.read_text()) if hf_config_path.is_file() else None
-    flat = flatten(load_params(ckpt_dir / PARAMS_DIR))
+    params_dir = ckpt_dir / PARAMS_DIR
+    stored = set(param_group_names(params_dir))
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for spec in expected_tensors(config):
-            yield spec.hf_name, to_hf(spec, np.asarray(flat.pop(spec.path)))
+        """Load one parameter group at a time and yield its tensors in HF layout."""
+        for name, group in itertools.groupby(expected_tensors(config),
+                                             key=lambda spec: param_group(spec.path)):
+            if name not in stored:
+                raise CheckpointError(f"{params_dir}: parameter group '{name}' is missing")
+            flat = flatten(load_param_group(params_dir, name))
+            for spec in group:
+                yield spec.hf_name, to_hf(spec, np.asarray(flat.pop(spec.path)))
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         write_sharded(tmp, tensors(), max_shard_bytes=max_shard_bytes)
