@@ -1,0 +1,1 @@
+"""Evaluation: exact-match generation tasks, likelihood, and the lm-evaluation-harness adapter."""
