@@ -67,7 +67,7 @@ def test_dtype_cast(hf_checkpoint, tmp_path):
 def test_vision_language_layout_converts_text_weights(tmp_path):
     """The released Qwen3.5 class nests text weights under model.language_model and the config
     under text_config; vision weights are skipped and the logits equal HF's text-only forward."""
-    from conftest import TINY, build_hf_model
+    from tiny_models import TINY, build_hf_model
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     torch.manual_seed(0)
