@@ -2,7 +2,9 @@
 
 Prints a correctness check of the compiled kernels against the reference (fp32), then forward and
 forward+backward times (bf16 inputs) with ratios, and the handoff-mode cost against a plain causal
-forward over the same number of tokens. ``--json PATH`` also writes the numbers.
+forward over the same number of tokens. ``--json PATH`` writes the numbers after every section;
+sections that would start after ``--budget-s`` seconds are skipped. ``--check``: only the full
+correctness check (all head layouts, handoff gradients, bf16 inputs).
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ def max_rel(a, b) -> float:
 GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 
 
-def check_case(backend: str, hk: int, hv: int, dk: int, dv: int) -> dict:
-    """One fp32 case: outputs, final state and gradients (plain and handoff) vs the reference."""
+def check_case(backend: str, hk: int, hv: int, dk: int, dv: int, full: bool) -> dict:
+    """One fp32 case: outputs, final state and gradients vs the reference; with ``full`` also the
+    handoff gradients and the bf16-input output error."""
     b, t = 2, 300
     (q, k, v, g, beta), s0 = make_inputs(jax.random.PRNGKey(dk), b, t, hk, hv, dk, dv, F32)
     noisy, _ = make_inputs(jax.random.PRNGKey(7), b, t, hk, hv, dk, dv, F32)
@@ -87,6 +90,8 @@ def check_case(backend: str, hk: int, hv: int, dk: int, dv: int) -> dict:
     )
     errs = {"o": max_rel(ok, o_r), "state": max_rel(sk, s_r)}
     errs |= {n: max_rel(x, y) for n, x, y in zip(GRAD_NAMES, gk, gr, strict=True)}
+    if not full:
+        return errs
     hgrad = jax.jit(jax.grad(handoff_loss, argnums=(0, 1, 2)), static_argnames="backend")
     gh = [jax.tree.leaves(hgrad((q, k, v, g, beta), noisy, s0, backend=be)) for be in (backend, "reference")]
     errs["handoff_grads"] = max(max_rel(x, y) for x, y in zip(*gh, strict=True))
@@ -98,11 +103,16 @@ def check_case(backend: str, hk: int, hv: int, dk: int, dv: int) -> dict:
     return errs
 
 
-def check(backend: str) -> dict:
-    """Compiled kernel vs reference in fp32 over two head layouts."""
+CHECK_LAYOUTS = ((2, 4, 128, 128), (1, 2, 64, 256))  # (Hk, Hv, Dk, Dv)
+
+
+def check(backend: str, full: bool) -> dict:
+    """Compiled kernel vs reference in fp32: all head layouts and modes with ``full``, else the
+    first layout's plain mode (Triton and XLA compiles are the cost of this section)."""
+    layouts = CHECK_LAYOUTS if full else CHECK_LAYOUTS[:1]
     return {
-        f"hk{hk}_hv{hv}_dk{dk}_dv{dv}": check_case(backend, hk, hv, dk, dv)
-        for hk, hv, dk, dv in ((2, 4, 128, 128), (1, 2, 64, 256))
+        f"hk{hk}_hv{hv}_dk{dk}_dv{dv}": check_case(backend, hk, hv, dk, dv, full)
+        for hk, hv, dk, dv in layouts
     }
 
 
@@ -203,51 +213,81 @@ def guarded(fn: Callable, *args) -> dict:
         return {}
 
 
+def print_shape_row(shape: tuple[int, ...], r: dict) -> None:
+    fla = f"{r['fla_fwd']:8.3f}" if r["fla_fwd"] else "     n/a"
+    ratio = f"{r['fwd_vs_fla']:8.2f}" if r["fwd_vs_fla"] else "     n/a"
+    print(
+        f"{'x'.join(map(str, shape)):>20} {r['ours_fwd']:9.3f} {fla} {ratio} "
+        f"{r['xla_fwd']:8.3f} {r['ours_fwd_bwd']:9.3f} {r['xla_fwd_bwd']:8.3f} "
+        f"{r['fwd_bwd_speedup_vs_xla']:12.2f}",
+        flush=True,
+    )
+
+
+def print_handoff(bs: int, r: dict) -> None:
+    print(
+        f"handoff bs={bs} (8x4096 clean + 4096 noisy vs causal 8x8192, H16 D128): "
+        f"fwd {r['handoff_fwd']:.3f} vs {r['causal_fwd']:.3f} ms ({r['fwd_ratio']:.2f}x), "
+        f"fwd+bwd {r['handoff_fwd_bwd']:.3f} vs {r['causal_fwd_bwd']:.3f} ms "
+        f"({r['fwd_bwd_ratio']:.2f}x)",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--backend", default="gpu")
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument(
+        "--check", action="store_true", help="only the correctness check, all layouts and modes"
+    )
+    parser.add_argument("--budget-s", type=float, default=300.0, help="later sections are skipped")
     args = parser.parse_args()
+    start = time.perf_counter()
     print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}")
-    results: dict = {"device": jax.devices()[0].device_kind}
+    results: dict = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+    def save() -> None:  # after every section: a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
+    def within_budget(name: str) -> bool:
+        elapsed = time.perf_counter() - start
+        if elapsed > args.budget_s:
+            print(f"skipped {name}: {elapsed:.0f} s > budget {args.budget_s:.0f} s", flush=True)
+            results.setdefault("skipped", []).append(name)
+            return False
+        return True
+
     if not args.skip_check:
         print("correctness (max relative error vs reference, fp32):")
-        for name, errs in guarded(check, args.backend).items():
+        for name, errs in guarded(check, args.backend, args.check).items():
             print(f"  {name}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
             results[f"check_{name}"] = errs
-    for bs in (32, 64):
-        r = guarded(bench_handoff, 8, 4096, 16, 128, bs, args.backend)
-        if not r:
-            continue
-        results[f"handoff_bs{bs}"] = r
-        print(
-            f"handoff bs={bs} (8x4096 clean + 4096 noisy vs causal 8x8192, H16 D128): "
-            f"fwd {r['handoff_fwd']:.3f} vs {r['causal_fwd']:.3f} ms ({r['fwd_ratio']:.2f}x), "
-            f"fwd+bwd {r['handoff_fwd_bwd']:.3f} vs {r['causal_fwd_bwd']:.3f} ms "
-            f"({r['fwd_bwd_ratio']:.2f}x)",
-            flush=True,
-        )
+        results["check_s"] = time.perf_counter() - start
+        save()
+    if args.check:
+        return
     print(
         f"{'B x T x H x D':>20} {'ours fwd':>9} {'fla fwd':>8} {'ours/fla':>8} {'xla fwd':>8} "
         f"{'ours f+b':>9} {'xla f+b':>8} {'xla/ours f+b':>12}  (ms)"
     )
     for shape in SHAPES:
-        r = guarded(bench_shape, *shape, args.backend)
-        if not r:
-            continue
-        results["x".join(map(str, shape))] = r
-        fla = f"{r['fla_fwd']:8.3f}" if r["fla_fwd"] else "     n/a"
-        ratio = f"{r['fwd_vs_fla']:8.2f}" if r["fwd_vs_fla"] else "     n/a"
-        print(
-            f"{'x'.join(map(str, shape)):>20} {r['ours_fwd']:9.3f} {fla} {ratio} "
-            f"{r['xla_fwd']:8.3f} {r['ours_fwd_bwd']:9.3f} {r['xla_fwd_bwd']:8.3f} "
-            f"{r['fwd_bwd_speedup_vs_xla']:12.2f}",
-            flush=True,
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        name = "x".join(map(str, shape))
+        if within_budget(name) and (r := guarded(bench_shape, *shape, args.backend)):
+            results[name] = r
+            print_shape_row(shape, r)
+            save()
+    for bs in (32, 64):
+        name = f"handoff_bs{bs}"
+        if within_budget(name) and (r := guarded(bench_handoff, 8, 4096, 16, 128, bs, args.backend)):
+            results[name] = r
+            print_handoff(bs, r)
+            save()
+    results["total_s"] = time.perf_counter() - start
+    save()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gated_delta import reference
+from pallas_kernels.gated_delta import gpu_prep, reference
 from pallas_kernels.gated_delta.reference import F32, ChunkTensors, ScanFn
 
 BACKENDS = ("auto", "reference", "gpu", "tpu", "gpu_interpret", "tpu_interpret")
@@ -86,6 +86,58 @@ def _kernel_scan_bwd(backend: str, need_states: bool, residuals, cotangents):
 _kernel_scan.defvjp(_kernel_scan_fwd, _kernel_scan_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _kernel_prepare(interpret: bool, chunk: int, scale: float, *inputs: jax.Array):
+    return gpu_prep.prepare_fwd(*inputs, chunk=chunk, scale=scale, interpret=interpret)
+
+
+def _kernel_prepare_fwd(interpret: bool, chunk: int, scale: float, *inputs: jax.Array):
+    return _kernel_prepare(interpret, chunk, scale, *inputs), inputs
+
+
+def _kernel_prepare_bwd(interpret: bool, chunk: int, scale: float, inputs, cotangents):
+    """Kernel VJP (recomputes A, T, w, u0); key-head gradients sum their value heads; the run
+    ids get no cotangent."""
+    dq, dk, *rest = gpu_prep.prepare_bwd(inputs, cotangents, chunk=chunk, scale=scale, interpret=interpret)
+    b, t, hk, width = inputs[0].shape
+    dq, dk = (x.reshape(b, t, hk, -1, width).sum(3) for x in (dq, dk))
+    return (*(d.astype(x.dtype) for d, x in zip((dq, dk, *rest), inputs, strict=False)), None)
+
+
+_kernel_prepare.defvjp(_kernel_prepare_fwd, _kernel_prepare_bwd)
+
+
+def _fused_prepare(interpret: bool) -> reference.PrepareFn:
+    """``reference.prepare_chunks`` contract; the per-chunk work runs in the GPU kernels, which
+    read the public layout directly; only the segmented decay cumsum and the run ids stay in
+    XLA (``[B, H, T]``-sized)."""
+
+    def prepare(q, k, v, g, beta, reset, chunk, scale, out_dtype) -> ChunkTensors:
+        b, t, hv = g.shape
+        rel = reference.chunk_ids(reset, chunk)
+        gcum = reference.chunk_log_decays(jnp.moveaxis(g, 2, 1), reset, chunk)
+        gam = reference.carry_decay(gcum, rel[:, None]).reshape(b * hv, t // chunk)
+        outs = _kernel_prepare(
+            interpret,
+            chunk,
+            scale,
+            *(x.astype(out_dtype) for x in (q, k, v)),
+            beta.astype(F32),
+            gcum.reshape(b * hv, t),
+            rel.reshape(b, t),
+        )
+        return ChunkTensors(*(x.reshape(b * hv, t // chunk, chunk, -1) for x in outs), gam)
+
+    return prepare
+
+
+def _prepare_fn(backend: str) -> reference.PrepareFn:
+    """Fused Pallas preparation on the GPU backends; the jnp one (XLA) elsewhere."""
+    if backend.startswith("gpu"):
+        return _fused_prepare(backend.endswith("_interpret"))
+    return reference.prepare_remat
+
+
 def _scan_fn(backend: str) -> ScanFn:
     if backend == "reference":
         return reference.scan_chunks
@@ -133,6 +185,7 @@ def gated_delta_rule(
         reset=reference.reset_flags(segment_ids, q.shape[0], q.shape[1]),
         chunk=chunk_size,
         scan=_scan_fn(backend),
+        prepare=_prepare_fn(backend),
         prep_dtype=_prep_dtype(backend, v),
     )
     return o, s_final
@@ -174,7 +227,13 @@ def gated_delta_rule_handoff(
 
     reset = padded(reference.reset_flags(segment_ids, b, t))
     scan = _scan_fn(backend)
-    common = dict(scale=scale, chunk=chunk, scan=scan, prep_dtype=_prep_dtype(backend, clean.v))
+    common = dict(
+        scale=scale,
+        chunk=chunk,
+        scan=scan,
+        prepare=_prepare_fn(backend),
+        prep_dtype=_prep_dtype(backend, clean.v),
+    )
     o_clean, h, s_final = reference.chunked_pipeline(
         *map(padded, clean), initial_state=initial_state, reset=reset, need_states=True, **common
     )

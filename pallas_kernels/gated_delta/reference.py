@@ -149,6 +149,59 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
     return jnp.concatenate([top, jnp.concatenate([x21, x22], axis=-1)], axis=-2)
 
 
+def chunk_ids(reset: jax.Array, chunk: int) -> jax.Array:
+    """``[B, T]`` reset flags -> ``[B, NT, L]`` int32 run ids relative to the run entering the
+    chunk: ``M[i, j]`` is ``rel_i == rel_j`` (and j <= i), ``c_i`` is ``rel_i == 0``."""
+    b, t = reset.shape
+    run = jnp.cumsum(reset.astype(jnp.int32), axis=1).reshape(b, t // chunk, chunk)
+    run_in = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), run[:, :-1, -1]], axis=1)
+    return run - run_in[..., None]
+
+
+def chunk_log_decays(g: jax.Array, reset: jax.Array, chunk: int) -> jax.Array:
+    """``G``: ``g [B, H, T]`` -> ``[B, H, NT, L]`` fp32 in-chunk cumulative log decays restarted at
+    every reset, so that a document's decays never pass through another document's sums (keeps
+    documents bit-for-bit independent in fp32)."""
+    b, h, t = g.shape
+    gc = g.astype(F32).reshape(b, h, t // chunk, chunk)
+    return _segmented_cumsum(gc, reset.reshape(b, 1, t // chunk, chunk))
+
+
+def carry_decay(gcum: jax.Array, rel: jax.Array) -> jax.Array:
+    """``gam = c_L exp(G_L)``: ``gcum [..., NT, L]``, ``rel`` broadcastable -> ``[..., NT]``."""
+    return jnp.where(rel[..., -1] == 0, jnp.exp(gcum[..., -1]), 0.0)
+
+
+def chunk_tensors(
+    qc: jax.Array,
+    kc: jax.Array,
+    vc: jax.Array,
+    bc: jax.Array,
+    gcum: jax.Array,
+    rel: jax.Array,
+    scale: float,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(qg, p, w, u0, kd)`` (fp32) of chunked inputs ``[..., NT, L, D]``, gates ``bc``, ``gcum``
+    ``[..., NT, L]`` fp32 and ``rel`` (``chunk_ids``, broadcastable). Matmul operands keep the
+    input dtype, accumulation and everything decay-related is fp32."""
+    chunk = qc.shape[-2]
+    tri = jnp.tril(jnp.ones((chunk, chunk), bool))
+    same = (rel[..., :, None] == rel[..., None, :]) & tri
+    diff = gcum[..., :, None] - gcum[..., None, :]
+    decay = jnp.where(same, jnp.exp(jnp.where(same, diff, 0.0)), 0.0)  # D
+    eg = jnp.where(rel == 0, jnp.exp(gcum), 0.0)  # c exp(G)
+
+    kk = _mm("...id,...jd->...ij", kc, kc)
+    a = jnp.tril(bc[..., :, None] * kk * decay, -1)
+    t_inv = unit_lower_inverse(a)
+    u0 = _mm("...ij,...jd->...id", t_inv, bc[..., None] * vc.astype(F32))
+    w = _mm("...ij,...jd->...id", t_inv, (bc * eg)[..., None] * kc.astype(F32))
+    p = _mm("...id,...jd->...ij", qc, kc) * (decay * scale)
+    qg = (eg * scale)[..., None] * qc.astype(F32)
+    kd = decay[..., -1, :, None] * kc.astype(F32)
+    return qg, p, w, u0, kd
+
+
 def prepare_chunks(
     q: jax.Array,
     k: jax.Array,
@@ -162,49 +215,33 @@ def prepare_chunks(
 ) -> ChunkTensors:
     """Per-chunk tensors of the chunked form (differentiable, no sequential dependence).
 
-    q, k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]``; g, beta: ``[B, H, T]``;
+    Public layout: q, k ``[B, T, Hk, Dk]``; v ``[B, T, Hv, Dv]``; g, beta ``[B, T, Hv]``;
     reset: ``[B, T]`` bool, where ``reset[:, 0]`` True means the initial state is not seen.
-    ``T`` must be a multiple of ``chunk``. Matmul operands keep the input dtype, accumulation
-    and everything decay-related is fp32; outputs are cast to ``out_dtype`` (``gam`` stays fp32).
+    ``T`` must be a multiple of ``chunk``. Outputs (``[B * Hv, NT, L, ...]``) are cast to
+    ``out_dtype`` (``gam`` stays fp32).
     """
-    b, h, t, dk = q.shape
+    b, t, hv = g.shape
     nt = t // chunk
-    run = jnp.cumsum(reset.astype(jnp.int32), axis=1).reshape(b, nt, chunk)
-    run_in = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), run[:, :-1, -1]], axis=1)
-    carry = (run == run_in[..., None])[:, None]  # [B, 1, NT, L]
-    tri = jnp.tril(jnp.ones((chunk, chunk), bool))
-    same = (run[..., :, None] == run[..., None, :]) & tri  # [B, NT, L, L]
-    same = same[:, None]
 
-    def split(x):
-        return x.reshape(b, h, nt, chunk, *x.shape[3:])
+    def split(x):  # [B, T, H, ...] -> [B, H, NT, L, ...]
+        x = jnp.moveaxis(expand_heads(x, hv), 2, 1)
+        return x.reshape(b, hv, nt, chunk, *x.shape[3:])
 
-    qc, kc, vc = split(q), split(k), split(v)
-    # Cumulative log decay restarted at every reset, so that a document's decays never pass
-    # through another document's sums (keeps documents bit-for-bit independent in fp32).
-    gcum = _segmented_cumsum(split(g.astype(F32)), reset.reshape(b, 1, nt, chunk))
-    bc = split(beta.astype(F32))
-    diff = gcum[..., :, None] - gcum[..., None, :]
-    decay = jnp.where(same, jnp.exp(jnp.where(same, diff, 0.0)), 0.0)  # D
-    eg = jnp.where(carry, jnp.exp(gcum), 0.0)  # c exp(G)
-
-    kk = _mm("...id,...jd->...ij", kc, kc)
-    a = jnp.tril(bc[..., :, None] * kk * decay, -1)
-    t_inv = unit_lower_inverse(a)
-    u0 = _mm("...ij,...jd->...id", t_inv, bc[..., None] * vc.astype(F32))
-    w = _mm("...ij,...jd->...id", t_inv, (bc * eg)[..., None] * kc.astype(F32))
-    p = _mm("...id,...jd->...ij", qc, kc) * (decay * scale)
-    qg = (eg * scale)[..., None] * qc.astype(F32)
-    kd = decay[..., -1, :, None] * kc.astype(F32)
-    gam = eg[..., -1]
+    rel = chunk_ids(reset, chunk)[:, None]  # [B, 1, NT, L]
+    gcum = chunk_log_decays(jnp.moveaxis(g, 2, 1), reset, chunk)
+    tensors = chunk_tensors(split(q), split(k), split(v), split(beta.astype(F32)), gcum, rel, scale)
 
     def flat(x):
-        return x.reshape(b * h, *x.shape[2:]).astype(out_dtype)
+        return x.reshape(b * hv, *x.shape[2:]).astype(out_dtype)
 
-    return ChunkTensors(flat(qg), flat(p), flat(w), flat(u0), flat(kd), gam.reshape(b * h, nt))
+    gam = carry_decay(gcum, rel).reshape(b * hv, nt)
+    return ChunkTensors(*map(flat, tensors), gam)
 
 
-_prepare_remat = jax.checkpoint(prepare_chunks, static_argnums=(6, 7, 8))
+# prepare(q, k, v, g, beta, reset, chunk, scale, out_dtype) -> ChunkTensors (see prepare_chunks)
+PrepareFn = Callable[..., ChunkTensors]
+
+prepare_remat: PrepareFn = jax.checkpoint(prepare_chunks, static_argnums=(6, 7, 8))
 
 
 def scan_chunks(
@@ -239,35 +276,26 @@ def chunked_pipeline(
     reset: jax.Array,
     chunk: int,
     scan: ScanFn,
+    prepare: PrepareFn = prepare_remat,
     prep_dtype: jnp.dtype = F32,
     need_states: bool = False,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """Pad, prepare chunks, run ``scan``, unpad. Inputs in the public ``[B, T, H, D]`` layout.
 
-    ``reset``: ``[B, T]`` bool (see ``prepare_chunks``). Returns ``o [B, T, Hv, Dv]`` in v.dtype,
-    ``h [B, Hv, NT, Dk, Dv]`` (states entering each chunk; may be None unless ``need_states``)
-    and the final state, states in fp32. The chunk preparation is rematerialised in the backward.
+    ``reset``: ``[B, T]`` bool (see ``prepare_chunks``); ``prepare`` builds the chunk tensors
+    from the padded inputs (default: ``prepare_chunks``, rematerialised in the backward).
+    Returns ``o [B, T, Hv, Dv]`` in v.dtype, ``h [B, Hv, NT, Dk, Dv]`` (states entering each
+    chunk; may be None unless ``need_states``) and the final state, states in fp32.
     """
     b, t, _, dk = q.shape
     hv, dv = v.shape[2:]
     pad = -t % chunk
 
-    def heads_first(x):
-        x = jnp.moveaxis(x, 2, 1)  # [B, T, H, ...] -> [B, H, T, ...], then pad T
-        return jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+    def padded(x):
+        return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
 
     scale = _default_scale(scale, dk)
-    ct = _prepare_remat(
-        heads_first(expand_heads(q, hv)),
-        heads_first(expand_heads(k, hv)),
-        heads_first(v),
-        heads_first(g),
-        heads_first(beta),
-        jnp.pad(reset, ((0, 0), (0, pad))),
-        chunk,
-        scale,
-        prep_dtype,
-    )
+    ct = prepare(*map(padded, (q, k, v, g, beta, reset)), chunk, scale, prep_dtype)
     s0 = jnp.zeros((b, hv, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
     o, h, s_final = scan(ct, s0.reshape(b * hv, dk, dv), need_states)
     o = o.reshape(b, hv, t + pad, dv)[:, :, :t]
