@@ -7,22 +7,12 @@ import functools
 import jax
 import numpy as np
 
+from pallas_kernels.backend import resolve_backend
 from pallas_kernels.block_attention import gpu, tpu
 from pallas_kernels.block_attention.mask import TokenLayout
 from pallas_kernels.block_attention.reference import block_attention_reference
 
-BACKENDS = ("auto", "reference", "gpu", "tpu", "gpu_interpret", "tpu_interpret")
 _KERNELS = {"gpu": gpu, "tpu": tpu}
-
-
-def resolve_backend(backend: str) -> str:
-    """Map ``"auto"`` to the platform's kernel (``gpu`` / ``tpu``), or ``reference`` on CPU."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    platform = jax.default_backend()
-    return platform if platform in _KERNELS else "reference"
 
 
 def _float0_like(layout: TokenLayout) -> TokenLayout:

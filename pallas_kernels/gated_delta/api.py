@@ -10,10 +10,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backend import resolve_backend
 from pallas_kernels.gated_delta import gpu_prep, reference
 from pallas_kernels.gated_delta.reference import F32, ChunkTensors, ScanFn
-
-BACKENDS = ("auto", "reference", "gpu", "tpu", "gpu_interpret", "tpu_interpret")
 
 
 class GatedDeltaInputs(NamedTuple):
@@ -24,16 +23,6 @@ class GatedDeltaInputs(NamedTuple):
     v: jax.Array
     g: jax.Array
     beta: jax.Array
-
-
-def resolve_backend(backend: str) -> str:
-    """Map ``auto`` to the platform's kernel (``gpu`` / ``tpu``) or ``reference`` on CPU."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    platform = jax.default_backend()
-    return platform if platform in ("gpu", "tpu") else "reference"
 
 
 def _kernels(backend: str) -> tuple[ModuleType, bool]:
