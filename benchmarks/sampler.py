@@ -90,16 +90,18 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--backend", default="auto", help="kernel backend: auto | reference")
     parser.add_argument("--hf", action="store_true", help="also time HF transformers generate")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     config = model_config(args.config)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
-    module = HybridLM(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+    module = HybridLM(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
+                      backend=args.backend)
     sampler = Sampler(Model(config, module))
     print(f"device: {jax.devices()[0].device_kind}; model: {args.config} "
           f"({sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param))) / 1e9:.2f}B "
-          f"params, {args.dtype}); prompt {args.prompt_len}, new tokens {args.new_tokens}")
+          f"params, {args.dtype}, kernels {args.backend}); prompt {args.prompt_len}, new tokens {args.new_tokens}")
     rng = np.random.default_rng(0)
     rows = []
     hf_dir = None
