@@ -18,7 +18,6 @@ from pathlib import Path
 from flare_jax.config import FULL, LINEAR, ModelConfig
 from flare_jax.convert.synthetic import write_random_checkpoint
 
-
 PEAK_RSS = "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
 
 

@@ -101,7 +101,8 @@ def main() -> None:
     sampler = Sampler(Model(config, module))
     print(f"device: {jax.devices()[0].device_kind}; model: {args.config} "
           f"({sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param))) / 1e9:.2f}B "
-          f"params, {args.dtype}, kernels {args.backend}); prompt {args.prompt_len}, new tokens {args.new_tokens}")
+          f"params, {args.dtype}, kernels {args.backend}); prompt {args.prompt_len}, "
+          f"new tokens {args.new_tokens}")
     rng = np.random.default_rng(0)
     rows = []
     hf_dir = None
