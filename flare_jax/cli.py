@@ -57,6 +57,29 @@ def _train(args: argparse.Namespace) -> None:
         print(f"wrote {result.export_dir}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import flare_jax
+
+    if args.kind == "likelihood":
+        from flare_jax.data.tokenize import DocumentTokenizer
+        from flare_jax.eval.likelihood import corpus_likelihood
+
+        report = corpus_likelihood(flare_jax.load(args.checkpoint, dtype=args.dtype),
+                                   DocumentTokenizer.from_dir(str(args.checkpoint)), args.data,
+                                   max_length=args.max_length, batch_size=args.batch_size,
+                                   limit=args.limit)
+    else:
+        from flare_jax.eval.generation import evaluate_exact_match, read_task
+
+        report = evaluate_exact_match(
+            flare_jax.Sampler.load(args.checkpoint, dtype=args.dtype), read_task(args.task),
+            mode=args.mode, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+            chat=args.chat, stop=args.stop, block_size=args.block_size, threshold=args.threshold,
+            steps_per_block=args.steps_per_block, sub_blocks=args.sub_blocks,
+            logit_shift=args.logit_shift)
+    print(json.dumps({"checkpoint": str(args.checkpoint), **report.as_dict()}))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from flare_jax.demo import run_demo
 
@@ -111,6 +134,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--distributed", action="store_true",
                        help="call jax.distributed.initialize() (multi-host launchers)")
     train.set_defaults(run=_train, overrides=[])
+
+    evaluate = commands.add_parser("eval", help="likelihood or exact-match task evaluation")
+    kinds = evaluate.add_subparsers(dest="kind", required=True)
+    likelihood = kinds.add_parser("likelihood", help="mean token NLL and perplexity of a corpus")
+    likelihood.add_argument("--data", action="append", required=True,
+                            help="a jsonl / parquet / array_record file (repeat for more)")
+    likelihood.add_argument("--max-length", type=int, default=2048,
+                            help="longer documents are scored in rolling windows")
+    likelihood.add_argument("--limit", type=int, default=None, help="score the first N documents")
+    task = kinds.add_parser("task", help="exact-match accuracy of generated answers (GSM8K-style)")
+    task.add_argument("--task", type=Path, required=True, help='jsonl of {"prompt", "answer"}')
+    task.add_argument("--mode", default="ar", choices=["ar", "verified", "diffusion"])
+    task.add_argument("--max-new-tokens", type=int, default=256)
+    task.add_argument("--stop", action="append", default=[])
+    task.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
+    task.add_argument("--block-size", type=int, default=8)
+    task.add_argument("--threshold", type=float, default=0.9)
+    task.add_argument("--steps-per-block", type=int, default=0)
+    task.add_argument("--sub-blocks", type=int, default=1)
+    task.add_argument("--logit-shift", action="store_true")
+    for kind in (likelihood, task):
+        kind.add_argument("checkpoint", type=Path)
+        kind.add_argument("--batch-size", type=int, default=8)
+        kind.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    evaluate.set_defaults(run=_eval)
 
     demo = commands.add_parser("demo", help="the end-to-end demo on an embedded default")
     demo.add_argument("--workdir", default="runs/demo")

@@ -1,0 +1,130 @@
+"""Logical-axis sharding: every parameter path and activation gets logical axis names, and one
+table maps logical axes to mesh axes. A dimension whose size the mesh axes do not divide is
+replicated instead (small projections such as ``in_proj_a``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flare_jax.checkpoint import Nested
+
+# Logical axis -> mesh axes. FSDP shards the model dimension of every weight; tensor parallelism
+# shards heads, MLP width and vocabulary; the batch is split over data and fsdp.
+LOGICAL_TO_MESH: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "length": (),
+    "embed": ("fsdp",),
+    "act_embed": (),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "conv": (),
+    "norm": (),
+}
+
+# Parameter path (``/``-joined, layer index as digits) -> logical axes, first match wins.
+PARAM_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"embed_tokens", ("vocab", "embed")),
+    (r"lm_head/kernel", ("embed", "vocab")),
+    (r"self_attn/[qkv]_proj/kernel", ("embed", "heads")),
+    (r"self_attn/o_proj/kernel", ("heads", "embed")),
+    (r"linear_attn/in_proj_(qkv|z|a|b)/kernel", ("embed", "heads")),
+    (r"linear_attn/out_proj/kernel", ("heads", "embed")),
+    (r"linear_attn/conv_weight", ("conv", "heads")),
+    (r"linear_attn/(A_log|dt_bias)", ("heads",)),
+    (r"mlp/(gate|up)_proj/kernel", ("embed", "mlp")),
+    (r"mlp/down_proj/kernel", ("mlp", "embed")),
+    (r"(norm|layernorm)/weight$", ("norm",)),
+)
+
+# Activations by name -> logical axes.
+ACTIVATIONS: dict[str, tuple[str, ...]] = {
+    "tokens": ("batch", "length"),
+    "hidden": ("batch", "length", "act_embed"),
+    "logits": ("batch", "length", "vocab"),
+}
+
+
+def param_logical_axes(path: str, ndim: int) -> tuple[str, ...]:
+    """Logical axes of the parameter at ``path``; raises if no rule covers it."""
+    for pattern, axes in PARAM_RULES:
+        if re.search(pattern, path):
+            if len(axes) != ndim:
+                raise ValueError(f"sharding rule {pattern!r} gives {len(axes)} axes to parameter "
+                                 f"{path} of rank {ndim}")
+            return axes
+    raise ValueError(f"no sharding rule for parameter {path}; add one to PARAM_RULES")
+
+
+def logical_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Partition spec of an array with ``axes``; undivisible dimensions are replicated."""
+    spec: list[Any] = []
+    used: set[str] = set()
+    for name, size in zip(axes, shape, strict=True):
+        mesh_axes = tuple(a for a in LOGICAL_TO_MESH[name] if mesh.shape[a] > 1 and a not in used)
+        width = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
+        if not mesh_axes or size % width:
+            spec.append(None)
+            continue
+        used.update(mesh_axes)
+        spec.append(mesh_axes if len(mesh_axes) > 1 else mesh_axes[0])
+    return PartitionSpec(*spec)
+
+
+def param_shardings(params: Nested, mesh: Mesh) -> Nested:
+    """A :class:`NamedSharding` per parameter of a nested (string-keyed) parameter dict."""
+    def visit(tree: Nested, prefix: str) -> Nested:
+        out = {}
+        for key, value in tree.items():
+            path = f"{prefix}/{key}" if prefix else str(key)
+            if isinstance(value, dict):
+                out[key] = visit(value, path)
+            else:
+                axes = param_logical_axes(path, len(value.shape))
+                out[key] = NamedSharding(mesh, logical_spec(axes, tuple(value.shape), mesh))
+        return out
+
+    return visit(params, "")
+
+
+def activation_sharding(name: str, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """Sharding of the activation ``name`` (see :data:`ACTIVATIONS`) of this shape."""
+    return NamedSharding(mesh, logical_spec(ACTIVATIONS[name], shape, mesh))
+
+
+def constrain(x: jax.Array, name: str, mesh: Mesh) -> jax.Array:
+    """``with_sharding_constraint`` of an activation to its logical sharding."""
+    return jax.lax.with_sharding_constraint(x, activation_sharding(name, x.shape, mesh))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of ``[B, L]`` batch arrays: rows over the batch mesh axes (the caller keeps ``B``
+    divisible by their size, see :func:`batch_divisor`)."""
+    axes = tuple(a for a in LOGICAL_TO_MESH["batch"] if mesh.shape[a] > 1)
+    return NamedSharding(mesh, PartitionSpec(axes or None, None))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """How many shards the batch dimension is split into."""
+    return int(np.prod([mesh.shape[a] for a in LOGICAL_TO_MESH["batch"]]))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Fully replicated sharding (scalars, step counters)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble each process's rows ``[B_local, L]`` into global ``[B, L]`` arrays sharded over
+    the batch axes (rows ordered by process)."""
+    out = {}
+    for key, value in local.items():
+        global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh), value,
+                                                          global_shape)
+    return out

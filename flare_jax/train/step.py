@@ -1,0 +1,185 @@
+"""The jitted train step: FLARE forward on ``[clean ; noisy]``, token-balanced loss, gradient
+accumulation over micro-batches, AdamW update; parameters and optimizer state sharded by the
+logical rules. A plain causal step of the same model is provided as a baseline."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from flare_jax.checkpoint import Nested, flatten
+from flare_jax.config import ModelConfig
+from flare_jax.layout import FlareLayout
+from flare_jax.model.hybrid import HybridLM
+from flare_jax.objective import LossConfig, NoiseConfig, add_noise, flare_loss, token_cross_entropy
+from flare_jax.pretrained import module_params
+from flare_jax.train import sharding
+
+Batch = dict[str, jax.Array]  # tokens, segment_ids, loss_mask: [B, L]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Step counter, fp32 parameters (nested string-keyed dict) and optimizer state."""
+
+    step: jax.Array
+    params: Nested
+    opt_state: Any
+
+
+class ModelBinder:
+    """Builds a :class:`HybridLM` around a parameter dict inside a traced function."""
+
+    def __init__(self, config: ModelConfig, dtype: jnp.dtype, backend: str):
+        abstract = nnx.eval_shape(lambda: HybridLM(config, dtype=dtype, param_dtype=jnp.float32,
+                                                   rngs=nnx.Rngs(0), backend=backend))
+        self.graphdef, state = nnx.split(abstract)
+        self._flat = list(nnx.to_flat_state(state))
+
+    def __call__(self, params: Nested) -> HybridLM:
+        given = flatten(params)
+        flat = [(path, var.replace(given[tuple(str(p) for p in path)]))
+                for path, var in self._flat]
+        return nnx.merge(self.graphdef, nnx.from_flat_state(flat))
+
+
+def abstract_params(config: ModelConfig) -> Nested:
+    """Shapes and dtypes (fp32) of the parameters of ``config``."""
+    return jax.eval_shape(lambda: module_params(HybridLM(config, param_dtype=jnp.float32,
+                                                         rngs=nnx.Rngs(0))))
+
+
+def init_params(config: ModelConfig, seed: int, mesh: Mesh) -> Nested:
+    """Random fp32 parameters created directly in their shardings."""
+    shardings = sharding.param_shardings(abstract_params(config), mesh)
+    init = jax.jit(lambda: module_params(HybridLM(config, param_dtype=jnp.float32,
+                                                  rngs=nnx.Rngs(seed))), out_shardings=shardings)
+    return init()
+
+
+def state_shardings(tx: optax.GradientTransformation, params: Nested, mesh: Mesh) -> TrainState:
+    """Shardings of the train state: optimizer moments follow their parameters."""
+    param_sh = sharding.param_shardings(params, mesh)
+    abstract_opt = jax.eval_shape(tx.init, params)
+    rep = sharding.replicated(mesh)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                   transform_non_params=lambda _: rep,
+                                   is_leaf=lambda x: isinstance(x, NamedSharding))
+    return TrainState(step=rep, params=param_sh, opt_state=opt_sh)
+
+
+def init_state(tx: optax.GradientTransformation, params: Nested, mesh: Mesh) -> TrainState:
+    """Step 0 state around ``params`` (already sharded), optimizer state in its shardings."""
+    shardings = state_shardings(tx, params, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What the train step computes."""
+
+    block_size: int
+    noise: NoiseConfig
+    loss: LossConfig
+    grad_accum: int = 1
+    remat: bool = False  # recompute each decoder layer in the backward pass (FLARE objective)
+    objective: str = "flare"  # or "causal": the plain AR baseline on the clean row only
+
+
+def _micro_batches(x: jax.Array, accum: int) -> jax.Array:
+    """``[B, ...] -> [accum, B / accum, ...]``; micro-batch ``i`` holds rows ``i::accum`` so that
+    every data shard contributes to each micro-batch."""
+    rows = x.shape[0] // accum
+    return jnp.swapaxes(x.reshape(rows, accum, *x.shape[1:]), 0, 1)
+
+
+def _causal_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
+                 segment_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    valid = (segment_ids[:, :-1] == segment_ids[:, 1:]) & loss_mask[:, 1:].astype(bool)
+    ce = token_cross_entropy(logits[:, :-1], tokens[:, 1:])
+    n = jnp.sum(valid, dtype=jnp.float32)
+    mean = jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(n, 1.0)
+    return mean, {"loss": mean, "ar_loss": mean, "ar_tokens": n,
+                  "diffusion_loss": jnp.zeros(()), "diffusion_tokens": jnp.zeros(())}
+
+
+def make_train_step(binder: ModelBinder, tx: optax.GradientTransformation, cfg: StepConfig,
+                    mesh: Mesh, shardings: TrainState, seed: int
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted ``(state, batch) -> (state, metrics)``; ``state`` is donated.
+
+    Noise is drawn from ``fold_in(key(seed), step)`` over the whole global batch (independent of
+    the mesh and of ``grad_accum``). Gradients of the micro-batches are summed unnormalised and
+    divided by the batch's total loss weight, so accumulation reproduces the full-batch loss.
+    """
+    w_ar, w_diff = cfg.loss.ar_weight, cfg.loss.diffusion_weight
+
+    def constrain(h: jax.Array) -> jax.Array:
+        return sharding.constrain(h, "hidden", mesh)
+
+    def micro_loss(params: Nested, micro: Batch) -> tuple[jax.Array, tuple]:
+        model = binder(params)
+        tokens, segment_ids, loss_mask = micro["tokens"], micro["segment_ids"], micro["loss_mask"]
+        if cfg.objective == "causal":
+            logits, _ = model(tokens, segment_ids)
+            mean, metrics = _causal_loss(logits, tokens, loss_mask, segment_ids)
+            weight = metrics["ar_tokens"]
+        else:
+            layout = FlareLayout.from_segments(segment_ids, cfg.block_size)
+            clean_logits, noisy_logits = model.flare(tokens, micro["noisy"], layout,
+                                                     remat=cfg.remat, constrain=constrain)
+            mean, metrics = flare_loss(clean_logits, noisy_logits, tokens, micro["noise_mask"],
+                                       loss_mask, segment_ids, micro["rate"], cfg.loss)
+            weight = w_ar * metrics["ar_tokens"] + w_diff * metrics["diffusion_tokens"]
+        weight = jax.lax.stop_gradient(weight)
+        return mean * weight, (metrics, weight)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        batch = dict(batch)
+        if cfg.objective == "flare":
+            layout = FlareLayout.from_segments(batch["segment_ids"], cfg.block_size)
+            rng = jax.random.fold_in(jax.random.key(seed), state.step)
+            batch["noisy"], batch["noise_mask"], batch["rate"] = add_noise(
+                rng, batch["tokens"], layout, batch["loss_mask"].astype(bool), cfg.noise)
+        micro = {k: _micro_batches(v, cfg.grad_accum) for k, v in batch.items()}
+
+        def accumulate(carry, mb):
+            grads, total, ar_sum, diff_sum, counts = carry
+            (weighted, (metrics, weight)), g = grad_fn(state.params, mb)
+            grads = jax.tree.map(jnp.add, grads, g)
+            counts = counts + jnp.stack([metrics["ar_tokens"], metrics["diffusion_tokens"], weight])
+            ar_sum = ar_sum + metrics["ar_loss"] * metrics["ar_tokens"]
+            diff_sum = diff_sum + metrics["diffusion_loss"] * metrics["diffusion_tokens"]
+            return (grads, total + weighted, ar_sum, diff_sum, counts), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jnp.zeros(3))
+        (grads, total, ar_sum, diff_sum, counts), _ = jax.lax.scan(accumulate, init, micro)
+        denominator = jnp.maximum(counts[2], 1.0)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": total / denominator,
+            "ar_loss": ar_sum / jnp.maximum(counts[0], 1.0),
+            "ar_tokens": counts[0],
+            "diffusion_loss": diff_sum / jnp.maximum(counts[1], 1.0),
+            "diffusion_tokens": counts[1],
+            "grad_norm": optax.tree.norm(grads),
+        }
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

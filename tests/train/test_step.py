@@ -1,0 +1,88 @@
+"""The train step on one CPU device: AR-only FLARE training is plain causal LM training; the
+sharding rules cover every parameter of the real shapes; schedule and FLOP counting."""
+
+from types import SimpleNamespace
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+from workers import TINY_CONFIG
+
+from flare_jax.checkpoint import flatten
+from flare_jax.layout import FlareLayout
+from flare_jax.train import config as train_config
+from flare_jax.train import load_config_file
+from flare_jax.train.mesh import mesh_shape
+from flare_jax.train.metrics import train_flops_per_row, visible_pairs
+from flare_jax.train.optimizer import learning_rate_schedule
+from flare_jax.train.sharding import logical_spec, param_logical_axes
+from flare_jax.train.step import (
+    abstract_params,
+)
+from pallas_kernels.block_attention.mask import dense_mask
+
+
+def test_ar_only_training_is_causal_lm_training(mesh_results):
+    # Run by the subprocess worker (cheaper XLA compile): a FLARE step with diffusion_weight 0
+    # vs. the plain causal LM loss of the same batch (next token, same document, loss tokens).
+    result = mesh_results["ar_only"]
+    # fp32 with 'highest' matmuls; the clean stream equals causal mode (model tests), the mean is
+    # over the same tokens in another summation order: 1e-6 relative.
+    np.testing.assert_allclose(result["losses"][0], result["causal_loss"], rtol=1e-6)
+    ar_tokens, diffusion_tokens = result["tokens"][0]
+    assert ar_tokens == result["causal_tokens"]
+    assert diffusion_tokens > 0  # the noisy stream ran, with zero weight
+
+
+@pytest.mark.parametrize("name", ["qwen3_5_0p8b", "qwen3_5_9b"])
+def test_sharding_rules_cover_every_parameter(name):
+    cfg = load_config_file(TINY_CONFIG.with_name(f"{name}.py"))
+    cfg.model.mask_token_id = 0
+    config = train_config.model_config_from(cfg, None)
+    mesh = SimpleNamespace(shape={"data": 2, "fsdp": 8, "tensor": 4})
+    specs = {}
+    for path, leaf in flatten(abstract_params(config)).items():
+        key = "/".join(path)
+        specs[key] = logical_spec(param_logical_axes(key, leaf.ndim), leaf.shape, mesh)
+    assert specs["embed_tokens"] == PartitionSpec("tensor", "fsdp")
+    assert specs["layers/3/self_attn/q_proj/kernel"] == PartitionSpec("fsdp", "tensor")
+    assert specs["layers/0/linear_attn/out_proj/kernel"] == PartitionSpec("tensor", "fsdp")
+    assert specs["layers/0/mlp/down_proj/kernel"] == PartitionSpec("tensor", "fsdp")
+    assert specs["layers/0/input_layernorm/weight"] == PartitionSpec(None)
+    # 16 or 32 value heads shard over 4; an undivisible dimension is replicated instead.
+    assert specs["layers/0/linear_attn/in_proj_a/kernel"] == PartitionSpec("fsdp", "tensor")
+    odd = logical_spec(("embed", "heads"), (1024, 6), mesh)
+    assert odd == PartitionSpec("fsdp", None)
+    with pytest.raises(ValueError, match="no sharding rule for parameter layers/0/new/kernel"):
+        param_logical_axes("layers/0/new/kernel", 2)
+
+
+def test_mesh_shape():
+    assert mesh_shape(2, -1, 2, 8) == (2, 2, 2)
+    with pytest.raises(ValueError, match="needs 6 devices, 8 are available"):
+        mesh_shape(2, 3, 1, 8)
+
+
+def test_learning_rate_schedule():
+    schedule = learning_rate_schedule(1.0, warmup_steps=10, total_steps=110, min_ratio=0.1)
+    np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(60), schedule(110)],
+                               [0.0, 0.5, 1.0, 0.55, 0.1], rtol=1e-6, atol=1e-7)
+
+
+def test_visible_pairs_match_the_mask():
+    length, block = 10, 4
+    layout = FlareLayout.from_segments(jnp.ones((1, length), jnp.int32), block)
+    packed = layout.packed()
+    mask = np.asarray(dense_mask(packed, packed))
+    assert visible_pairs(length, block, flare=True) == mask.sum()
+    assert visible_pairs(length, block, flare=False) == mask[..., :length, :length].sum()
+
+
+def test_flare_flops_cover_both_streams():
+    cfg = load_config_file(TINY_CONFIG.with_name("qwen3_5_0p8b.py"))
+    cfg.model.mask_token_id = 0
+    config = train_config.model_config_from(cfg, None)
+    flare = train_flops_per_row(config, 4096, 32, flare=True)
+    causal = train_flops_per_row(config, 4096, 32, flare=False)
+    assert 2.0 <= flare / causal < 2.1
