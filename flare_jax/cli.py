@@ -20,6 +20,29 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _decoding_kwargs(args: argparse.Namespace) -> dict:
+    """The decoding options shared by `sample` and `eval task` (see :func:`_add_decoding_args`)."""
+    return dict(mode=args.mode, max_new_tokens=args.max_new_tokens, stop=args.stop,
+                chat=args.chat, block_size=args.block_size, threshold=args.threshold,
+                steps_per_block=args.steps_per_block, sub_blocks=args.sub_blocks,
+                logit_shift=args.logit_shift)
+
+
+def _add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--mode", default="ar", choices=["ar", "verified", "diffusion"])
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
+    parser.add_argument("--block-size", type=int, default=8, help="diffusion/verified block size")
+    parser.add_argument("--threshold", type=float, default=0.9,
+                        help="diffusion/verified: commit masked tokens above this confidence")
+    parser.add_argument("--steps-per-block", type=int, default=0,
+                        help="diffusion/verified: fixed denoising steps per block (0: threshold)")
+    parser.add_argument("--sub-blocks", type=int, default=1)
+    parser.add_argument("--logit-shift", action="store_true",
+                        help="the checkpoint was trained with the diffusion logit shift")
+
+
 def _sample(args: argparse.Namespace) -> None:
     from flare_jax import Sampler
 
@@ -30,12 +53,8 @@ def _sample(args: argparse.Namespace) -> None:
         print(cache_memory_summary(sampler.model.config, sampler.model.module.dtype,
                                    sampler.model.config.max_position_embeddings))
     prompts = [json.loads(p) if args.token_ids else p for p in args.prompt]
-    results = sampler.generate(prompts, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               stop=args.stop, block_size=args.block_size,
-                               threshold=args.threshold, steps_per_block=args.steps_per_block,
-                               sub_blocks=args.sub_blocks, logit_shift=args.logit_shift,
-                               chat=args.chat, seed=args.seed)
+    results = sampler.generate(prompts, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, seed=args.seed, **_decoding_kwargs(args))
     for prompt, result in zip(args.prompt, results, strict=True):
         print(json.dumps({"prompt": prompt, "text": result.text, "tokens": result.tokens,
                           "finish_reason": result.finish_reason,
@@ -73,10 +92,7 @@ def _eval(args: argparse.Namespace) -> None:
 
         report = evaluate_exact_match(
             flare_jax.Sampler.load(args.checkpoint, dtype=args.dtype), read_task(args.task),
-            mode=args.mode, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-            chat=args.chat, stop=args.stop, block_size=args.block_size, threshold=args.threshold,
-            steps_per_block=args.steps_per_block, sub_blocks=args.sub_blocks,
-            logit_shift=args.logit_shift)
+            batch_size=args.batch_size, **_decoding_kwargs(args))
     print(json.dumps({"checkpoint": str(args.checkpoint), **report.as_dict()}))
 
 
@@ -106,21 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a prompt (repeat for a batch)")
     sample.add_argument("--token-ids", action="store_true",
                         help="prompts are JSON lists of token ids instead of text")
-    sample.add_argument("--mode", default="ar", choices=["ar", "verified", "diffusion"])
-    sample.add_argument("--max-new-tokens", type=int, default=64)
+    _add_decoding_args(sample, max_new_tokens=64)
     sample.add_argument("--temperature", type=float, default=0.0)
     sample.add_argument("--top-k", type=int, default=0)
     sample.add_argument("--top-p", type=float, default=1.0)
-    sample.add_argument("--stop", action="append", default=[])
-    sample.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
-    sample.add_argument("--block-size", type=int, default=8, help="diffusion/verified block size")
-    sample.add_argument("--threshold", type=float, default=0.9,
-                        help="diffusion/verified: commit masked tokens above this confidence")
-    sample.add_argument("--steps-per-block", type=int, default=0,
-                        help="diffusion/verified: fixed denoising steps per block (0: threshold)")
-    sample.add_argument("--sub-blocks", type=int, default=1)
-    sample.add_argument("--logit-shift", action="store_true",
-                        help="the checkpoint was trained with the diffusion logit shift")
     sample.add_argument("--cache-report", action="store_true",
                         help="print cache memory per token and per request")
     sample.add_argument("--seed", type=int, default=0)
@@ -145,15 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     likelihood.add_argument("--limit", type=int, default=None, help="score the first N documents")
     task = kinds.add_parser("task", help="exact-match accuracy of generated answers (GSM8K-style)")
     task.add_argument("--task", type=Path, required=True, help='jsonl of {"prompt", "answer"}')
-    task.add_argument("--mode", default="ar", choices=["ar", "verified", "diffusion"])
-    task.add_argument("--max-new-tokens", type=int, default=256)
-    task.add_argument("--stop", action="append", default=[])
-    task.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
-    task.add_argument("--block-size", type=int, default=8)
-    task.add_argument("--threshold", type=float, default=0.9)
-    task.add_argument("--steps-per-block", type=int, default=0)
-    task.add_argument("--sub-blocks", type=int, default=1)
-    task.add_argument("--logit-shift", action="store_true")
+    _add_decoding_args(task, max_new_tokens=256)
     for kind in (likelihood, task):
         kind.add_argument("checkpoint", type=Path)
         kind.add_argument("--batch-size", type=int, default=8)
