@@ -4,12 +4,15 @@ Prints a correctness check of the compiled kernels against the reference (fp32),
 forward+backward times (bf16 inputs) with ratios, and the handoff-mode cost against a plain causal
 forward over the same number of tokens. ``--json PATH`` writes the numbers after every section;
 sections that would start after ``--budget-s`` seconds are skipped. ``--check``: only the full
-correctness check (all head layouts, handoff gradients, bf16 inputs).
+correctness check (all head layouts, handoff gradients, bf16 inputs). ``--stages``: per-kernel
+times and launch-parameter variants at the first shape (profile). ``--no-peers``: our kernels only.
+CPU smoke: ``--backend gpu_interpret --shapes 1x128x2x32 --handoff 1x64x2x32 --stages``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 import traceback
@@ -19,11 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.gated_delta import api
+from pallas_kernels.gated_delta import api, gpu, gpu_prep, reference
 
 F32 = jnp.float32
 
-SHAPES = ((8, 4096, 16, 128), (1, 32768, 16, 128), (4, 16384, 32, 128))
+SHAPES = "8x4096x16x128,1x32768x16x128,4x16384x32x128"
+HANDOFF = "8x4096x16x128"  # clean tokens per row; the noisy copy doubles them
 
 
 def make_inputs(key, b, t, hk, hv, dk, dv, dtype):
@@ -139,7 +143,7 @@ def fla_forward_ms(q, k, v, g, beta) -> float | None:
     return start.elapsed_time(end) / 10
 
 
-def bench_shape(b, t, h, d, backend) -> dict:
+def bench_shape(b, t, h, d, backend, peers: bool) -> dict:
     (q, k, v, g, beta), _ = make_inputs(jax.random.PRNGKey(0), b, t, h, h, d, d, jnp.bfloat16)
     dy = jax.random.normal(jax.random.PRNGKey(1), v.shape, jnp.bfloat16)
 
@@ -154,9 +158,10 @@ def bench_shape(b, t, h, d, backend) -> dict:
         return jax.jit(jax.grad(loss, argnums=range(5)))
 
     args = (q, k, v, g, beta)
-    r = {
-        "ours_fwd": timeit(fwd(backend), *args),
-        "ours_fwd_bwd": timeit(fwd_bwd(backend), *args),
+    r = {"ours_fwd": timeit(fwd(backend), *args), "ours_fwd_bwd": timeit(fwd_bwd(backend), *args)}
+    if not peers:
+        return r
+    r |= {
         "xla_fwd": timeit(fwd("reference"), *args, iters=3),
         "xla_fwd_bwd": timeit(fwd_bwd("reference"), *args, iters=3),
         "fla_fwd": fla_forward_ms(*args),
@@ -167,36 +172,98 @@ def bench_shape(b, t, h, d, backend) -> dict:
     return r
 
 
-def bench_handoff(b, t, h, d, block_size, backend) -> dict:
-    """Handoff over T clean + T noisy tokens vs a plain causal pass over 2T tokens."""
+SCAN_FWD_TILINGS = (
+    gpu.Tiling(),
+    gpu.Tiling(64),
+    gpu.Tiling(64, 8),
+    gpu.Tiling(16),
+    gpu.Tiling(num_stages=3),
+)
+SCAN_BWD_TILINGS = (gpu.Tiling(), gpu.Tiling(64, 8))
+
+
+def bench_stages(b, t, h, d, backend) -> dict:
+    """Profile of the GPU path at one shape: each kernel timed alone (with launch-parameter
+    variants), the XLA glue as the difference of the preparation with and without it."""
+    interpret = backend.endswith("_interpret")
+    chunk, scale, bf16 = 64, d**-0.5, jnp.bfloat16
+    (q, k, v, g, beta), _ = make_inputs(jax.random.PRNGKey(0), b, t, h, h, d, d, bf16)
+    reset = jnp.zeros((b, t), bool)
+    rel = reference.chunk_ids(reset, chunk).reshape(b, t)
+    gcum = reference.chunk_log_decays(jnp.moveaxis(g, 2, 1), reset, chunk).reshape(b * h, t)
+    prep_in = (q, k, v, beta.astype(F32), gcum, rel)
+    prepare = jax.jit(
+        lambda *a: api._fused_prepare(interpret)(*a, reset, chunk, scale, bf16)  # noqa: SLF001
+    )
+    ct = prepare(q, k, v, g, beta)
+    s0 = jnp.zeros((b * h, d, d), F32)
+    do = jax.random.normal(jax.random.PRNGKey(1), ct.u0.shape, bf16)
+    r = {"prepare_fwd_with_glue": timeit(prepare, q, k, v, g, beta)}
+    for warps in (4, 8):
+        kernel = functools.partial(
+            gpu_prep.prepare_fwd, chunk=chunk, scale=scale, interpret=interpret, num_warps=warps
+        )
+        r[f"prepare_fwd_kernel_w{warps}"] = timeit(jax.jit(kernel), *prep_in)
+        kernel = functools.partial(
+            gpu_prep.prepare_bwd, chunk=chunk, scale=scale, interpret=interpret, num_warps=warps
+        )
+        cots = tuple(x.reshape(b * h, t, -1) for x in ct[:5])  # the kernels' flat layout
+        r[f"prepare_bwd_kernel_w{warps}"] = timeit(jax.jit(kernel), prep_in, cots)
+    for tiling in SCAN_FWD_TILINGS:
+        scan = functools.partial(gpu.scan_fwd, write_states=False, interpret=interpret, tiling=tiling)
+        r[f"scan_fwd_{tiling_name(tiling)}"] = timeit(jax.jit(scan), ct, s0)
+    for tiling in SCAN_BWD_TILINGS:
+        scan = functools.partial(gpu.scan_bwd, interpret=interpret, tiling=tiling)
+        r[f"scan_bwd_{tiling_name(tiling)}"] = timeit(jax.jit(scan), ct, do, s0, None)
+    _, h_states, _ = jax.jit(functools.partial(gpu.scan_fwd, write_states=True, interpret=interpret))(ct, s0)
+    scan_vjp = jax.jit(api._kernel_scan_bwd, static_argnums=(0, 1))  # noqa: SLF001
+    r["scan_bwd_with_xla_matmuls"] = timeit(scan_vjp, backend, False, (ct, h_states), (do, None, s0))
+    r["fwd_chunk32"] = timeit(
+        jax.jit(lambda *a: api.gated_delta_rule(*a, chunk_size=32, backend=backend)), q, k, v, g, beta
+    )
+    return r
+
+
+def tiling_name(tiling: gpu.Tiling) -> str:
+    return f"bv{tiling.block_v or 'auto'}_w{tiling.num_warps}_s{tiling.num_stages}"
+
+
+def handoff_inputs(b, t, h, d) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """2T tokens per row (bf16) and all-zero segment ids for the T clean tokens."""
     (q, k, v, g, beta), _ = make_inputs(jax.random.PRNGKey(0), b, 2 * t, h, h, d, d, jnp.bfloat16)
-    seg = jnp.zeros((b, t), jnp.int32)
-    plain = (q, k, v, g, beta)
-    clean = api.GatedDeltaInputs(*(x[:, :t] for x in plain))
-    noisy = api.GatedDeltaInputs(*(x[:, t:] for x in plain))
+    return (q, k, v, g, beta), jnp.zeros((b, t), jnp.int32)
+
+
+@functools.cache
+def causal_times(backend, b, t, h, d) -> dict:
+    """Plain causal fwd and fwd+bwd over 2T tokens (shared by the handoff block sizes)."""
+    plain, _ = handoff_inputs(b, t, h, d)
 
     def causal_loss(*a):
         o, s = api.gated_delta_rule(*a, backend=backend)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
+    return {
+        "causal_fwd": timeit(jax.jit(lambda *a: api.gated_delta_rule(*a, backend=backend)), *plain),
+        "causal_fwd_bwd": timeit(jax.jit(jax.grad(causal_loss, argnums=range(5))), *plain),
+    }
+
+
+def bench_handoff(block_size, backend, b, t, h, d) -> dict:
+    """Handoff over T clean + T noisy tokens vs a plain causal pass over 2T tokens."""
+    plain, seg = handoff_inputs(b, t, h, d)
+    clean = api.GatedDeltaInputs(*(x[:, :t] for x in plain))
+    noisy = api.GatedDeltaInputs(*(x[:, t:] for x in plain))
+
+    def handoff(c, n):
+        return api.gated_delta_rule_handoff(c, n, block_size=block_size, segment_ids=seg, backend=backend)
+
     def handoff_loss(c, n):
-        oc, on, s = api.gated_delta_rule_handoff(
-            c, n, block_size=block_size, segment_ids=seg, backend=backend
-        )
+        oc, on, s = handoff(c, n)
         return jnp.sum(oc.astype(jnp.float32)) + jnp.sum(on.astype(jnp.float32)) + jnp.sum(s)
 
-    r = {
-        "causal_fwd": timeit(jax.jit(lambda *a: api.gated_delta_rule(*a, backend=backend)), *plain),
-        "handoff_fwd": timeit(
-            jax.jit(
-                lambda c, n: api.gated_delta_rule_handoff(
-                    c, n, block_size=block_size, segment_ids=seg, backend=backend
-                )
-            ),
-            clean,
-            noisy,
-        ),
-        "causal_fwd_bwd": timeit(jax.jit(jax.grad(causal_loss, argnums=range(5))), *plain),
+    r = causal_times(backend, b, t, h, d) | {
+        "handoff_fwd": timeit(jax.jit(handoff), clean, noisy),
         "handoff_fwd_bwd": timeit(jax.jit(jax.grad(handoff_loss, argnums=(0, 1))), clean, noisy),
     }
     r["fwd_ratio"] = r["handoff_fwd"] / r["causal_fwd"]
@@ -214,19 +281,21 @@ def guarded(fn: Callable, *args) -> dict:
 
 
 def print_shape_row(shape: tuple[int, ...], r: dict) -> None:
-    fla = f"{r['fla_fwd']:8.3f}" if r["fla_fwd"] else "     n/a"
-    ratio = f"{r['fwd_vs_fla']:8.2f}" if r["fwd_vs_fla"] else "     n/a"
+    def cell(key: str, fmt: str) -> str:
+        return format(r[key], fmt) if r.get(key) else format("n/a", ">" + fmt.split(".")[0])
+
     print(
-        f"{'x'.join(map(str, shape)):>20} {r['ours_fwd']:9.3f} {fla} {ratio} "
-        f"{r['xla_fwd']:8.3f} {r['ours_fwd_bwd']:9.3f} {r['xla_fwd_bwd']:8.3f} "
-        f"{r['fwd_bwd_speedup_vs_xla']:12.2f}",
+        f"{'x'.join(map(str, shape)):>20} {cell('ours_fwd', '9.3f')} {cell('fla_fwd', '8.3f')} "
+        f"{cell('fwd_vs_fla', '8.2f')} {cell('xla_fwd', '8.3f')} {cell('ours_fwd_bwd', '9.3f')} "
+        f"{cell('xla_fwd_bwd', '8.3f')} {cell('fwd_bwd_speedup_vs_xla', '12.2f')}",
         flush=True,
     )
 
 
-def print_handoff(bs: int, r: dict) -> None:
+def print_handoff(bs: int, shape: tuple[int, ...], r: dict) -> None:
+    b, t, h, d = shape
     print(
-        f"handoff bs={bs} (8x4096 clean + 4096 noisy vs causal 8x8192, H16 D128): "
+        f"handoff bs={bs} ({b}x{t} clean + {t} noisy vs causal {b}x{2 * t}, H{h} D{d}): "
         f"fwd {r['handoff_fwd']:.3f} vs {r['causal_fwd']:.3f} ms ({r['fwd_ratio']:.2f}x), "
         f"fwd+bwd {r['handoff_fwd_bwd']:.3f} vs {r['causal_fwd_bwd']:.3f} ms "
         f"({r['fwd_bwd_ratio']:.2f}x)",
@@ -242,13 +311,20 @@ def main() -> None:
     parser.add_argument(
         "--check", action="store_true", help="only the correctness check, all layouts and modes"
     )
-    parser.add_argument("--budget-s", type=float, default=300.0, help="later sections are skipped")
+    parser.add_argument("--budget-s", type=float, default=440.0, help="later sections are skipped")
+    parser.add_argument("--shapes", default=SHAPES, help="B x T x H x D, comma separated")
+    parser.add_argument("--handoff", default=HANDOFF, help="B x T x H x D of the clean stream")
+    parser.add_argument("--stages", action="store_true", help="profile at the first shape")
+    parser.add_argument("--no-peers", action="store_true", help="skip the XLA reference and fla")
     args = parser.parse_args()
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    handoff = tuple(map(int, args.handoff.split("x")))
     start = time.perf_counter()
     print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}")
     results: dict = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
     def save() -> None:  # after every section: a run cut short keeps what it measured
+        results["elapsed_s"] = time.perf_counter() - start
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
@@ -274,17 +350,21 @@ def main() -> None:
         f"{'B x T x H x D':>20} {'ours fwd':>9} {'fla fwd':>8} {'ours/fla':>8} {'xla fwd':>8} "
         f"{'ours f+b':>9} {'xla f+b':>8} {'xla/ours f+b':>12}  (ms)"
     )
-    for shape in SHAPES:
+    for i, shape in enumerate(shapes):
         name = "x".join(map(str, shape))
-        if within_budget(name) and (r := guarded(bench_shape, *shape, args.backend)):
-            results[name] = r
+        if within_budget(name) and (r := guarded(bench_shape, *shape, args.backend, not args.no_peers)):
+            results[name] = r | {"done_at_s": time.perf_counter() - start}
             print_shape_row(shape, r)
+            save()
+        if i == 0 and args.stages and within_budget("stages"):
+            results["stages"] = r = guarded(bench_stages, *shape, args.backend)
+            print(f"stages at {name} (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
             save()
     for bs in (32, 64):
         name = f"handoff_bs{bs}"
-        if within_budget(name) and (r := guarded(bench_handoff, 8, 4096, 16, 128, bs, args.backend)):
+        if within_budget(name) and (r := guarded(bench_handoff, bs, args.backend, *handoff)):
             results[name] = r
-            print_handoff(bs, r)
+            print_handoff(bs, handoff, r)
             save()
     results["total_s"] = time.perf_counter() - start
     save()

@@ -3,7 +3,8 @@
 Grid ``(N, NT)`` (N = batch * heads): one program per chunk computes, in registers, the decays,
 the masked ``A = beta (k k^T) * D`` and the unit-lower inverse ``T = (I + A)^-1`` as blocks of
 ``bs = min(16, L)`` rows (diagonal blocks by nilpotent doubling, off-diagonal blocks by block
-forward substitution), then ``(qg, p, w, u0, kd)`` of ``reference.chunk_tensors``. Nothing
+forward substitution), then ``(qg, p, w, u0, kd)`` of ``reference.chunk_tensors`` (``w``,
+``u0`` by row blocks of ``T``; ``qg``, ``kd`` and ``p`` as whole-chunk tiles). Nothing
 ``[L, L]``-sized but ``p`` reaches HBM; the backward recomputes ``A``, ``T``, ``w``, ``u0``.
 
 Backward (cotangents ``dqg, dp, dw, du0, dkd``), with ``Y_u = beta v``, ``Y_w = beta c e^G k``::
@@ -47,6 +48,11 @@ def _iota(bs: int, axis: int) -> jax.Array:
     return jax.lax.broadcasted_iota(jnp.int32, (bs, bs), axis)
 
 
+def _decay(same: jax.Array, diff: jax.Array) -> jax.Array:
+    """``exp(diff)`` where ``same`` (the same run, causal), else 0 (never exp of a masked value)."""
+    return jnp.where(same, jnp.exp(jnp.where(same, diff, 0.0)), 0.0)
+
+
 def _diag_inverse(a: jax.Array) -> jax.Array:
     """``(I + a)^-1`` of a strictly lower ``[bs, bs]`` block: ``(I - a)(I + a^2)(I + a^4)...``
     (``a`` is nilpotent, ``a^bs = 0``)."""
@@ -77,14 +83,14 @@ class _Chunk:
         r_last = jnp.sum(jnp.where(last, self.r[-1], 0))
         self.last = last
         # Last row of D (decay from each token to the chunk's end).
-        self.dl = [self._decay(r_last == r, g_last - g) for r, g in zip(self.r, self.g, strict=True)]
+        self.dl = [_decay(r_last == r, g_last - g) for r, g in zip(self.r, self.g, strict=True)]
         lower, strict = _iota(bs, 0) >= _iota(bs, 1), _iota(bs, 0) > _iota(bs, 1)
         self.d, self.kk, self.a, self.strict = {}, {}, {}, strict
         for i in range(nb):
             for j in range(i + 1):
                 same = self.r[i][:, None] == self.r[j][None, :]
                 same = same & lower if i == j else same
-                self.d[i, j] = self._decay(same, self.g[i][:, None] - self.g[j][None, :])
+                self.d[i, j] = _decay(same, self.g[i][:, None] - self.g[j][None, :])
                 self.kk[i, j] = _dot(self.k(i), self.k(j), tb=True)
                 a = self.b[i][:, None] * self.kk[i, j] * self.d[i, j]
                 self.a[i, j] = jnp.where(strict, a, 0.0) if i == j else a
@@ -102,10 +108,6 @@ class _Chunk:
     def y_u(self, j: int) -> jax.Array:
         """Row block j of ``beta v`` (fp32), the right-hand side of ``u0``."""
         return self.b[j][:, None] * self.v(j).astype(F32)
-
-    @staticmethod
-    def _decay(same: jax.Array, diff: jax.Array) -> jax.Array:
-        return jnp.where(same, jnp.exp(jnp.where(same, diff, 0.0)), 0.0)
 
     def apply_t(self, i: int, y: Callable[[int], jax.Array], dtype) -> jax.Array:
         """Row block ``i`` of ``T Y`` (``y(j)``: row block j of Y)."""
@@ -125,17 +127,23 @@ def _rows(ref, bs: int, i: int) -> jax.Array:
 def _fwd_kernel(q, k, v, beta, g, rel, qg, p, w, u0, kd, *, scale: float, bs: int):
     c = _Chunk(k, v, beta, g, rel, bs)
     dt = k.dtype
+    # p, qg and kd as whole-chunk tiles (p: one [L, Dk] x [Dk, L] dot instead of 16 x 16
+    # blocks); only T and its products need the 16-row blocks.
+    chunk = k.shape[0]
+    g_all, r_all, q_all, k_all = g[...].astype(F32), rel[...], q[...], k[...]
+    same = (r_all[:, None] == r_all[None, :]) & (_iota(chunk, 0) >= _iota(chunk, 1))
+    decay = _decay(same, g_all[:, None] - g_all[None, :])
+    p[...] = (scale * _dot(q_all, k_all, tb=True) * decay).astype(p.dtype)
+    e = jnp.where(r_all == 0, jnp.exp(g_all), 0.0)
+    qg[...] = (scale * e[:, None] * q_all.astype(F32)).astype(qg.dtype)
+    last = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+    g_last, r_last = jnp.sum(jnp.where(last, g_all, 0.0)), jnp.sum(jnp.where(last, r_all, 0))
+    dl = _decay(r_all == r_last, g_last - g_all)
+    kd[...] = (dl[:, None] * k_all.astype(F32)).astype(kd.dtype)
     for i in range(c.nb):
         rows = pl.ds(i * bs, bs)
-        q_i = _rows(q, bs, i)
-        qg[rows, :] = (scale * c.e[i][:, None] * q_i.astype(F32)).astype(qg.dtype)
-        kd[rows, :] = (c.dl[i][:, None] * c.k(i).astype(F32)).astype(kd.dtype)
         w[rows, :] = c.apply_t(i, c.y_w, dt).astype(w.dtype)
         u0[rows, :] = c.apply_t(i, c.y_u, dt).astype(u0.dtype)
-        for j in range(c.nb):
-            zero = jnp.zeros((bs, bs), F32)
-            p_ij = scale * _dot(q_i, c.k(j), tb=True) * c.d[i, j] if j <= i else zero
-            p[rows, pl.ds(j * bs, bs)] = p_ij.astype(p.dtype)
 
 
 def _bwd_kernel(q, k, v, beta, g, rel, dqg, dp, dw, du0, dkd, dq, dk, dv, dbeta, dg, *, scale, bs):
@@ -265,6 +273,7 @@ def prepare_fwd(
     chunk: int,
     scale: float,
     interpret: bool = False,
+    num_warps: int = 4,
 ) -> tuple[jax.Array, ...]:
     """``(qg, p, w, u0, kd)`` of ``reference.chunk_tensors`` in v's dtype.
 
@@ -287,7 +296,7 @@ def prepare_fwd(
             (b * hv, t // chunk),
             interpret,
             "gated_delta_prepare_fwd",
-            4,
+            num_warps,
         )
     )
 
@@ -299,6 +308,7 @@ def prepare_bwd(
     chunk: int,
     scale: float,
     interpret: bool = False,
+    num_warps: int = 8,  # the backward keeps about twice the live blocks of the forward
 ) -> tuple[jax.Array, ...]:
     """Cotangents of ``prepare_fwd`` at ``inputs`` ``(q, k, v, beta, gcum, rel)`` for output
     cotangents ``(dqg, dp, dw, du0, dkd)``: ``(dq, dk)`` per value head ``[B, T, Hv, Dk]``
@@ -319,6 +329,6 @@ def prepare_bwd(
             (b * hv, t // chunk),
             interpret,
             "gated_delta_prepare_bwd",
-            8,  # the backward keeps about twice the live blocks of the forward
+            num_warps,
         )
     )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_gated_delta_reference import assert_gradient_cases_match, make_inputs
 
-from pallas_kernels.gated_delta import api, reference
+from pallas_kernels.gated_delta import api, gpu, reference
 
 # fp32 in and out; kernel and reference reassociate the same short sums, so 1e-5 relative.
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -121,3 +121,14 @@ def test_gpu_kernels_lower_to_triton():
     assert text.count("__gpu$xla.gpu.triton") == len(names)
     for name in names:
         assert name in text, name
+
+
+def test_scan_value_block_keeps_one_program_per_sm():
+    """64 state columns per program while that leaves at least one program per SM (faster on
+    the H100 than narrower blocks, see ``gpu._block_v``), narrower down to 16 for few heads;
+    an explicit ``Tiling.block_v`` is capped at D_v."""
+    assert gpu._block_v(128, 128) == 64  # 8 x 16 heads: 256 programs
+    assert gpu._block_v(48, 128) == 32  # 192 programs
+    assert gpu._block_v(16, 128) == 16  # 128 programs: the narrowest block
+    assert gpu.Tiling(block_v=128).width(1, 64) == 64
+    assert gpu.Tiling().width(128, 128) == 64
