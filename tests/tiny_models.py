@@ -1,4 +1,4 @@
-"""Tiny random Qwen3.5 HF models built with transformers + CPU torch (shared by the tests)."""
+"""Tiny random Qwen3.5-family HF models built with transformers + CPU torch (shared by the tests)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ def build_hf_model(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     config = Qwen3_5TextConfig(**{**TINY, **overrides})
-    model = Qwen3_5ForCausalLM(config).eval()
+    return perturb_parameters(Qwen3_5ForCausalLM(config).eval())
+
+
+def perturb_parameters(model):
+    """Give every parameter of a fresh HF model random values (norms, decays included)."""
+    import torch
+
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("A_log"):
@@ -29,3 +35,28 @@ def build_hf_model(seed: int = 0, **overrides):
             else:
                 param.copy_(0.08 * torch.randn_like(param))
     return model
+
+
+# Sparse families, three layers (linear, full, linear) to keep compiles short: 8 experts, top-2, a
+# shared expert; Qwen3-Next keeps a dense MLP in layer 2 and uses unnormalised top-k weights,
+# Qwen3.5-MoE (no intermediate_size) has experts in every layer.
+MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+           shared_expert_intermediate_size=32, num_hidden_layers=3,
+           layer_types=["linear_attention", "full_attention", "linear_attention"])
+TINY_NEXT = {**TINY, **MOE, "mlp_only_layers": [2], "norm_topk_prob": False}
+TINY_MOE = {k: v for k, v in {**TINY, **MOE}.items() if k != "intermediate_size"}
+
+
+def build_hf_moe_model(family: str, seed: int = 0, **overrides):
+    """A random ``Qwen3NextForCausalLM`` (family "qwen3_next") or ``Qwen3_5MoeForCausalLM``
+    ("qwen3_5_moe") in fp32 with every parameter perturbed."""
+    import torch
+    import transformers
+
+    config_cls, model_cls, base = {
+        "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", TINY_NEXT),
+        "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", TINY_MOE),
+    }[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**base, **overrides})
+    return perturb_parameters(getattr(transformers, model_cls)(config).eval())

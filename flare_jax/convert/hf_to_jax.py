@@ -16,12 +16,17 @@ from flare_jax.checkpoint import (
     atomic_directory,
     copy_tokenizer_files,
     nest,
-    param_group,
     save_param_groups,
     write_model_config,
 )
 from flare_jax.config import ModelConfig
-from flare_jax.convert.keymap import SKIPPED_PREFIXES, expected_tensors, text_layout_name, to_ours
+from flare_jax.convert.keymap import (
+    SKIPPED_PREFIXES,
+    expected_maps,
+    hf_tensors,
+    text_layout_name,
+    to_ours,
+)
 from flare_jax.convert.safetensors_io import index_checkpoint, read_tensor
 
 log = logging.getLogger(__name__)
@@ -46,7 +51,8 @@ def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
 
 def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "auto", *,
                overwrite: bool = False) -> Path:
-    """Convert an HF Qwen3.5 checkpoint (text or vision-language layout) to a flare-jax checkpoint.
+    """Convert an HF Qwen3.5 / Qwen3.5-MoE / Qwen3-Next checkpoint (text or vision-language
+    layout) to a flare-jax checkpoint.
 
     Tensors are streamed one at a time; ``dtype`` "auto" keeps each tensor's stored dtype (a round
     trip back to HF is then bit-identical), otherwise floating tensors are cast. Vision-tower and
@@ -72,10 +78,11 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "auto", *,
     if skipped:
         log.info("skipping %d non-text tensors (vision tower / MTP), e.g. %s", len(skipped),
                  skipped[0])
-    specs = expected_tensors(config)
-    expected_names = {s.hf_name for s in specs}
+    maps = expected_maps(config)
+    specs = hf_tensors(maps)
+    expected_names = {s.name for s in specs}
     problems = []
-    missing = [s.hf_name for s in specs if s.hf_name not in by_text_name]
+    missing = [s.name for s in specs if s.name not in by_text_name]
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {missing[:8]}")
     tied_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
@@ -83,19 +90,21 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "auto", *,
     if unexpected:
         problems.append(f"unexpected tensors ({len(unexpected)}): {unexpected[:8]}")
     for spec in specs:
-        if spec.hf_name in by_text_name:
-            name, entry = by_text_name[spec.hf_name]
-            if entry.shape != spec.hf_shape:
+        if spec.name in by_text_name:
+            name, entry = by_text_name[spec.name]
+            if entry.shape != spec.shape:
                 problems.append(f"tensor '{name}' in {entry.file.name} has shape {entry.shape}, "
-                                f"config implies {spec.hf_shape}")
+                                f"config implies {spec.shape}")
     if problems:
         raise ConversionError(f"{hf_dir} does not match {config_path.name}: " + "; ".join(problems))
 
     def groups() -> Iterator[tuple[str, dict]]:
-        """Read and convert one parameter group at a time (specs come in group order)."""
-        for name, group in itertools.groupby(specs, key=lambda spec: param_group(spec.path)):
-            flat = {spec.path: _cast(to_ours(spec, read_tensor(by_text_name[spec.hf_name][1])),
-                                     dtype) for spec in group}
+        """Read and convert one parameter group at a time (maps come in group order)."""
+        for name, group in itertools.groupby(maps, key=lambda m: m.group):
+            flat = {}
+            for m in group:
+                arrays = to_ours(m, [read_tensor(by_text_name[t.name][1]) for t in m.hf])
+                flat.update((path, _cast(a, dtype)) for path, a in zip(m.paths, arrays, strict=True))
             yield name, nest(flat)
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:

@@ -1,4 +1,4 @@
-"""Synthetic HF checkpoints made in code: random Qwen3.5 weights in the HF safetensors layout and a
+"""Synthetic HF checkpoints made in code: random Qwen3.5-family weights in the HF safetensors layout and a
 small character-level tokenizer. Used by the demo, the conversion memory benchmark and tests; nothing
 is downloaded."""
 
@@ -14,25 +14,25 @@ import tokenizers
 
 from flare_jax.config import ModelConfig
 from flare_jax.convert.jax_to_hf import text_hf_config
-from flare_jax.convert.keymap import TensorSpec, expected_tensors
+from flare_jax.convert.keymap import HFTensor, expected_maps, hf_tensors
 from flare_jax.convert.safetensors_io import write_sharded
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<mask>", "<|im_start|>", "<|im_end|>")
 
 
-def _init(spec: TensorSpec, rng: np.random.Generator) -> np.ndarray:
+def _init(spec: HFTensor, rng: np.random.Generator) -> np.ndarray:
     """HF-style initialisation: N(0, 0.02) weights, zero (1 + w) norms, unit gated norm."""
-    leaf = spec.hf_name.rsplit(".", 2)
-    if spec.hf_name.endswith("A_log"):
-        return np.log(rng.uniform(1.0, 16.0, spec.hf_shape))
-    if spec.hf_name.endswith("dt_bias") or spec.hf_name.endswith("linear_attn.norm.weight"):
-        return np.ones(spec.hf_shape)
+    leaf = spec.name.rsplit(".", 2)
+    if spec.name.endswith("A_log"):
+        return np.log(rng.uniform(1.0, 16.0, spec.shape))
+    if spec.name.endswith("dt_bias") or spec.name.endswith("linear_attn.norm.weight"):
+        return np.ones(spec.shape)
     if "norm" in leaf[-2]:
-        return np.zeros(spec.hf_shape)
-    if spec.hf_name.endswith("conv1d.weight"):
-        bound = 1.0 / np.sqrt(spec.hf_shape[-1])
-        return rng.uniform(-bound, bound, spec.hf_shape)
-    return rng.normal(0.0, 0.02, spec.hf_shape)
+        return np.zeros(spec.shape)
+    if spec.name.endswith("conv1d.weight"):
+        bound = 1.0 / np.sqrt(spec.shape[-1])
+        return rng.uniform(-bound, bound, spec.shape)
+    return rng.normal(0.0, 0.02, spec.shape)
 
 
 def write_random_checkpoint(directory: str | Path, config: ModelConfig, *, seed: int = 0,
@@ -43,10 +43,10 @@ def write_random_checkpoint(directory: str | Path, config: ModelConfig, *, seed:
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for spec in expected_tensors(config):
+        for spec in hf_tensors(expected_maps(config)):
             value = _init(spec, rng)
-            keep_fp32 = spec.hf_name.endswith(("A_log", "dt_bias"))
-            yield spec.hf_name, value.astype(np.float32 if keep_fp32 else np_dtype)
+            keep_fp32 = spec.name.endswith(("A_log", "dt_bias"))
+            yield spec.name, value.astype(np.float32 if keep_fp32 else np_dtype)
 
     write_sharded(directory, tensors(), max_shard_bytes=max_shard_bytes)
     hf_config = text_hf_config(None, config)

@@ -1,6 +1,8 @@
 """Logical-axis sharding: every parameter path and activation gets logical axis names, and one
 table maps logical axes to mesh axes. A dimension whose size the mesh axes do not divide is
-replicated instead (small projections such as ``in_proj_a``)."""
+replicated instead (small projections such as ``in_proj_a``), and mesh axes the mesh does not have
+are ignored (the optional ``expert`` axis: a mesh ``("data", "fsdp", "expert", "tensor")`` shards
+the stacked MoE experts over ``expert`` and the batch over it as well)."""
 
 from __future__ import annotations
 
@@ -14,15 +16,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from flare_jax.checkpoint import Nested
 
 # Logical axis -> mesh axes. FSDP shards the model dimension of every weight; tensor parallelism
-# shards heads, MLP width and vocabulary; the batch is split over data and fsdp.
+# shards heads, MLP width and vocabulary; expert parallelism shards the experts; the batch is split
+# over data, fsdp and expert.
 LOGICAL_TO_MESH: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "length": (),
     "embed": ("fsdp",),
     "act_embed": (),
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "mlp": ("tensor",),
+    "expert": ("expert",),
+    "router": (),  # the expert dimension of the router and the shared expert's gate
     "conv": (),
     "norm": (),
 }
@@ -37,8 +42,11 @@ PARAM_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"linear_attn/out_proj/kernel", ("heads", "embed")),
     (r"linear_attn/conv_weight", ("conv", "heads")),
     (r"linear_attn/(A_log|dt_bias)", ("heads",)),
-    (r"mlp/(gate|up)_proj/kernel", ("embed", "mlp")),
-    (r"mlp/down_proj/kernel", ("mlp", "embed")),
+    (r"mlp/(shared_expert/)?(gate|up)_proj/kernel", ("embed", "mlp")),
+    (r"mlp/(shared_expert/)?down_proj/kernel", ("mlp", "embed")),
+    (r"mlp/(gate|shared_expert_gate)/kernel", ("embed", "router")),
+    (r"mlp/experts/(gate|up)_proj$", ("expert", "embed", "mlp")),
+    (r"mlp/experts/down_proj$", ("expert", "mlp", "embed")),
     (r"(norm|layernorm)/weight$", ("norm",)),
 )
 
@@ -66,7 +74,8 @@ def logical_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P
     spec: list[Any] = []
     used: set[str] = set()
     for name, size in zip(axes, shape, strict=True):
-        mesh_axes = tuple(a for a in LOGICAL_TO_MESH[name] if mesh.shape[a] > 1 and a not in used)
+        mesh_axes = tuple(a for a in LOGICAL_TO_MESH[name] if mesh.shape.get(a, 1) > 1
+                          and a not in used)
         width = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
         if not mesh_axes or size % width:
             spec.append(None)
@@ -105,13 +114,13 @@ def constrain(x: jax.Array, name: str, mesh: Mesh) -> jax.Array:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of ``[B, L]`` batch arrays: rows over the batch mesh axes (the caller keeps ``B``
     divisible by their size, see :func:`batch_divisor`)."""
-    axes = tuple(a for a in LOGICAL_TO_MESH["batch"] if mesh.shape[a] > 1)
+    axes = tuple(a for a in LOGICAL_TO_MESH["batch"] if mesh.shape.get(a, 1) > 1)
     return NamedSharding(mesh, PartitionSpec(axes or None, None))
 
 
 def batch_divisor(mesh: Mesh) -> int:
     """How many shards the batch dimension is split into."""
-    return int(np.prod([mesh.shape[a] for a in LOGICAL_TO_MESH["batch"]]))
+    return int(np.prod([mesh.shape.get(a, 1) for a in LOGICAL_TO_MESH["batch"]]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

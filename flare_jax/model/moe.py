@@ -1,0 +1,156 @@
+"""Sparse mixture-of-experts MLP of Qwen3-Next / Qwen3.5-MoE: softmax router, top-k routed SwiGLU
+experts and a shared SwiGLU expert scaled by a sigmoid gate.
+
+The routed experts run as grouped matmuls (``jax.lax.ragged_dot``) over the token copies sorted by
+expert: each token is repeated ``k`` times, the copies are ordered by expert id, and expert ``e``
+multiplies the contiguous run of its copies by its own weights. Operands are in the compute dtype,
+accumulation in fp32. :meth:`SparseMoE.dense_reference` evaluates every expert on every token and
+serves as the oracle of the grouped path.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flare_jax.config import ModelConfig
+from flare_jax.model.layers import Dense, Dtype, SwiGLU, matmul_precision
+
+
+class Routing(NamedTuple):
+    """The router's decision for ``N`` tokens."""
+
+    logits: jax.Array  # [N, E] fp32
+    probs: jax.Array  # [N, E] fp32 softmax
+    weights: jax.Array  # [N, k] fp32 combine weights of the chosen experts
+    experts: jax.Array  # [N, k] int32 chosen expert ids (descending probability)
+
+
+def route(logits: jax.Array, top_k: int, normalize: bool) -> Routing:
+    """Softmax over experts, top-``k``, optionally renormalised to sum to 1 per token."""
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(logits, probs, weights, experts.astype(jnp.int32))
+
+
+def load_balancing_loss(routing: Routing, token_mask: jax.Array | None = None) -> jax.Array:
+    """Switch-Transformer auxiliary loss as Qwen computes it: ``E * sum_e f_e * P_e`` with ``f_e``
+    the number of top-k slots given to expert ``e`` per token and ``P_e`` the mean router
+    probability of ``e``, both averaged over the (unmasked) tokens; ``k`` at perfect balance (HF
+    counts every top-k slot). ``token_mask [N]`` drops padding tokens."""
+    num_experts = routing.probs.shape[-1]
+    mask = (jnp.ones(routing.probs.shape[:1], jnp.float32) if token_mask is None
+            else token_mask.astype(jnp.float32))
+    slots = jax.nn.one_hot(routing.experts, num_experts, dtype=jnp.float32).sum(axis=1)  # [N, E]
+    count = jnp.maximum(jnp.sum(mask), 1.0)
+    tokens_per_expert = jnp.sum(slots * mask[:, None], axis=0) / count
+    prob_per_expert = jnp.sum(routing.probs * mask[:, None], axis=0) / count
+    return num_experts * jnp.sum(tokens_per_expert * prob_per_expert)
+
+
+class Experts(nnx.Module):
+    """``E`` SwiGLU experts as stacked weights: ``gate_proj``/``up_proj [E, hidden, I]`` and
+    ``down_proj [E, I, hidden]``."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype: Dtype,
+                 param_dtype: Dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+
+        def init(shape: tuple[int, ...]) -> nnx.Param:
+            return nnx.Param(0.02 * jax.random.normal(rngs.params(), shape, param_dtype))
+
+        self.gate_proj = init((num_experts, hidden, intermediate))
+        self.up_proj = init((num_experts, hidden, intermediate))
+        self.down_proj = init((num_experts, intermediate, hidden))
+
+    def _weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return tuple(p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj,
+                                                         self.down_proj))
+
+    def grouped(self, x: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
+        """``sum_j weights[n, j] * expert_{experts[n, j]}(x[n])`` for ``x [N, hidden]`` via
+        grouped matmuls over the ``N * k`` token copies sorted by expert. Returns fp32."""
+        n, k = experts.shape
+        num_experts = self.gate_proj.shape[0]
+        flat = experts.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+        xs = jnp.take(x.astype(self.dtype), order // k, axis=0)  # [N*k, hidden] sorted by expert
+        w_gate, w_up, w_down = self._weights()
+        prec = matmul_precision(self.dtype)
+
+        def mm(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+            return jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=prec,
+                                      preferred_element_type=jnp.float32)
+
+        act = (jax.nn.silu(mm(xs, w_gate)) * mm(xs, w_up)).astype(self.dtype)
+        ys = mm(act, w_down)  # [N*k, hidden] fp32, sorted
+        unsorted = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
+        return jnp.einsum("nkh,nk->nh", unsorted, weights.astype(jnp.float32))
+
+    def dense(self, x: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
+        """Same result as :meth:`grouped` by running every expert on every token (the oracle)."""
+        w_gate, w_up, w_down = self._weights()
+        prec = matmul_precision(self.dtype)
+        x = x.astype(self.dtype)
+
+        def mm(spec: str, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+            return jnp.einsum(spec, lhs, rhs, precision=prec, preferred_element_type=jnp.float32)
+
+        act = (jax.nn.silu(mm("nh,ehi->eni", x, w_gate)) * mm("nh,ehi->eni", x, w_up))
+        ys = mm("eni,eih->enh", act.astype(self.dtype), w_down)  # [E, N, hidden]
+        combine = jnp.sum(jax.nn.one_hot(experts, w_gate.shape[0], dtype=jnp.float32)
+                          * weights.astype(jnp.float32)[..., None], axis=1)  # [N, E]
+        return jnp.einsum("enh,ne->nh", ys, combine)
+
+
+class SparseMoE(nnx.Module):
+    """Router ``gate`` (fp32 logits) -> top-k routed experts + ``sigmoid(shared_expert_gate(x)) *
+    shared_expert(x)``. Calls return ``(output, load-balancing loss)``."""
+
+    def __init__(self, config: ModelConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        c = config
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dtype = dtype
+        self.top_k = c.num_experts_per_tok
+        self.normalize = c.norm_topk_prob
+        self.gate = Dense(c.hidden_size, c.num_experts, **kw)
+        self.experts = Experts(c.num_experts, c.hidden_size, c.moe_intermediate_size, **kw)
+        self.shared_expert = SwiGLU(c.hidden_size, c.shared_expert_intermediate_size, **kw)
+        self.shared_expert_gate = Dense(c.hidden_size, 1, **kw)
+
+    def router(self, x: jax.Array) -> Routing:
+        """Routing of ``x [N, hidden]``; the logits are computed and kept in fp32."""
+        logits = jnp.einsum("nh,he->ne", x.astype(jnp.float32),
+                            self.gate.kernel[...].astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
+        return route(logits, self.top_k, self.normalize)
+
+    def _forward(self, x: jax.Array, token_mask: jax.Array | None, dense: bool
+                 ) -> tuple[jax.Array, jax.Array]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        routing = self.router(flat)
+        run = self.experts.dense if dense else self.experts.grouped
+        routed = run(flat, routing.experts, routing.weights)
+        shared_gate = jax.nn.sigmoid(self.shared_expert_gate(flat).astype(jnp.float32))
+        out = routed + shared_gate * self.shared_expert(flat).astype(jnp.float32)
+        mask = None if token_mask is None else token_mask.reshape(-1)
+        return out.astype(self.dtype).reshape(shape), load_balancing_loss(routing, mask)
+
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+        """``x [..., hidden]`` -> (output like ``x`` in the compute dtype, scalar aux loss over
+        the tokens where ``token_mask [...]`` is True)."""
+        return self._forward(x, token_mask, dense=False)
+
+    def dense_reference(self, x: jax.Array, token_mask: jax.Array | None = None
+                        ) -> tuple[jax.Array, jax.Array]:
+        """:meth:`__call__` with every expert evaluated on every token (test oracle)."""
+        return self._forward(x, token_mask, dense=True)
