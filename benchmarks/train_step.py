@@ -4,6 +4,11 @@ torch training step of the same shape. Prints one JSON line per measurement.
 
   python benchmarks/train_step.py --batch 1 --seq 4096            # JAX: flare + causal
   python benchmarks/train_step.py --peer hf --batch 1 --seq 4096  # HF torch peer
+
+Another shape: ``--config configs/<name>.py`` and ``--override config.a.b=value`` (repeatable),
+e.g. a CPU smoke run:
+  python benchmarks/train_step.py --config configs/tiny_cpu.py --seq 32 --steps 2 \
+      --override config.model.hf_config.num_hidden_layers=4
 """
 
 from __future__ import annotations
@@ -14,16 +19,17 @@ import time
 from pathlib import Path
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "qwen3_5_0p8b.py"
-MASK_TOKEN_ID = 248_000  # any id of the vocabulary serves for a throughput measurement
 H100_PEAK = 989e12  # dense bf16 FLOP/s
 
 
-def _model_config():
+def _model_config(args):
+    from flare_jax.train import apply_overrides, load_config_file
     from flare_jax.train import config as train_config
-    from flare_jax.train import load_config_file
 
-    cfg = load_config_file(CONFIG)
-    cfg.model.mask_token_id = MASK_TOKEN_ID
+    cfg = load_config_file(args.config)
+    apply_overrides(cfg, args.override)
+    if cfg.model.mask_token_id < 0:  # any id of the vocabulary serves for a throughput measurement
+        cfg.model.mask_token_id = cfg.model.hf_config.vocab_size - 1
     return cfg, train_config.model_config_from(cfg, None)
 
 
@@ -34,6 +40,23 @@ def _batch(rows: int, length: int, vocab: int):
     return {"tokens": rng.integers(0, vocab, (rows, length)).astype(np.int32),
             "segment_ids": np.ones((rows, length), np.int32),
             "loss_mask": np.ones((rows, length), bool)}
+
+
+def _host_random_params(config, mesh):
+    """N(0, 0.02) fp32 parameters drawn on the host and placed in their shardings (the jitted
+    ``init_params`` spent 3m45s compiling for this shape on the H100; values do not change the
+    step's cost)."""
+    import jax
+    import numpy as np
+
+    from flare_jax.train.sharding import param_shardings
+    from flare_jax.train.step import abstract_params
+
+    rng = np.random.default_rng(0)
+    abstract = abstract_params(config)
+    return jax.tree.map(
+        lambda a, sh: jax.device_put(0.02 * rng.standard_normal(a.shape, np.float32), sh),
+        abstract, param_shardings(abstract, mesh))
 
 
 def _time_jax_step(objective: str, backend: str, args) -> dict:
@@ -48,23 +71,22 @@ def _time_jax_step(objective: str, backend: str, args) -> dict:
     from flare_jax.train.step import (
         ModelBinder,
         StepConfig,
-        init_params,
         init_state,
         make_train_step,
         state_shardings,
     )
 
-    cfg, config = _model_config()
+    cfg, config = _model_config(args)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     tx, _ = make_optimizer(learning_rate=1e-5, warmup_steps=10, total_steps=1000,
                            min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8,
                            clip_norm=1.0)
-    params = init_params(config, 0, mesh)
+    params = _host_random_params(config, mesh)
     state = init_state(tx, params, mesh)
     step_cfg = StepConfig(block_size=cfg.block_size,
                           noise=train_config.noise_config(cfg, config.mask_token_id),
                           loss=train_config.loss_config(cfg), remat=args.remat,
-                          objective=objective)
+                          objective=objective, scan_layers=args.scan_layers)
     step = make_train_step(ModelBinder(config, jnp.bfloat16, backend), tx, step_cfg, mesh,
                            state_shardings(tx, params, mesh), seed=0)
     batch = global_batch(_batch(args.batch, args.seq, config.vocab_size), mesh)
@@ -79,8 +101,8 @@ def _time_jax_step(objective: str, backend: str, args) -> dict:
     step_s = (time.perf_counter() - start) / args.steps
     flops = args.batch * train_flops_per_row(config, args.seq, cfg.block_size,
                                              flare=objective == "flare")
-    return {"impl": f"jax-{objective}", "backend": backend, "batch": args.batch,
-            "seq": args.seq, "step_ms": 1e3 * step_s,
+    return {"impl": f"jax-{objective}", "backend": backend, "scan_layers": args.scan_layers,
+            "remat": args.remat, "batch": args.batch, "seq": args.seq, "step_ms": 1e3 * step_s,
             "tokens_per_s": args.batch * args.seq / step_s, "model_tflops": flops / 1e12,
             "mfu": flops / step_s / H100_PEAK, "first_step_s": compile_s,
             "loss": float(metrics["loss"]), "device": jax.devices()[0].device_kind}
@@ -110,7 +132,7 @@ def run_hf(args) -> list[dict]:
     from flare_jax.convert.jax_to_hf import text_hf_config
     from flare_jax.train.metrics import train_flops_per_row
 
-    cfg, config = _model_config()
+    cfg, config = _model_config(args)
     hf = text_hf_config(None, config)
     hf = {k: v for k, v in hf.items() if k not in ("architectures", "model_type")}
     torch.manual_seed(0)
@@ -155,6 +177,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
+                        help="one lax.scan over repeated layer groups (fast compile)")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="a configs/*.py file")
+    parser.add_argument("--override", action="append", default=[],
+                        help="config.a.b=value, applied to --config (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
     rows = run_hf(args) if args.peer == "hf" else run_jax(args)

@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
         pad_token_id=0, eos_token_id=1, max_position_embeddings=512))
     c.model.mask_token_id = 2
     c.model.dtype = "float32"
+    c.model.scan_layers = False  # two layers: no group repeats, the unrolled loop is the program
     c.data.paths = ("corpus.jsonl",)
     c.data.seq_len = 32
     c.data.global_batch_size = 4

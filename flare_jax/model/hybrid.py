@@ -15,7 +15,9 @@ from flare_jax.layout import FlareLayout, document_positions
 from flare_jax.model.attention import GatedAttention
 from flare_jax.model.cache import DecodeCache, PendingAppend, write_rows
 from flare_jax.model.gated_deltanet import GatedDeltaNet
+from flare_jax.model.layer_scan import run_layers
 from flare_jax.model.layers import Dense, Dtype, RMSNorm, SwiGLU, matmul_precision
+from flare_jax.model.moe import SparseMoE
 from pallas_kernels.block_attention.mask import TokenLayout
 
 
@@ -31,11 +33,13 @@ class _CallPlan:
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual block: token mixer (linear or full attention), then SwiGLU."""
+    """Pre-norm residual block: token mixer (linear or full attention), then the MLP (dense SwiGLU
+    or, in the layers the config makes sparse, the mixture of experts)."""
 
-    def __init__(self, config: ModelConfig, layer_type: str, *, dtype: Dtype, param_dtype: Dtype,
+    def __init__(self, config: ModelConfig, index: int, *, dtype: Dtype, param_dtype: Dtype,
                  rngs: nnx.Rngs, backend: str):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        layer_type = config.layer_types[index]
         self.layer_type = layer_type
         norm_kw = dict(eps=config.rms_norm_eps, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, **norm_kw)
@@ -44,10 +48,12 @@ class DecoderLayer(nnx.Module):
             self.self_attn = GatedAttention(config, backend=backend, **kw)
         else:
             self.linear_attn = GatedDeltaNet(config, backend=backend, **kw)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, **kw)
+        self.mlp = (SparseMoE(config, **kw) if config.is_moe_layer(index) else
+                    SwiGLU(config.hidden_size, config.intermediate_size, **kw))
 
     def _mlp_block(self, h: jax.Array) -> jax.Array:
-        return h + self.mlp(self.post_attention_layernorm(h))
+        out = self.mlp(self.post_attention_layernorm(h))
+        return h + (out[0] if isinstance(self.mlp, SparseMoE) else out)  # MoE: (output, aux loss)
 
     def causal(self, h: jax.Array, segment_ids: jax.Array, plan: _CallPlan, cache, write: bool):
         """Returns the new hidden states, the layer cache (updated when ``write``) and the
@@ -88,8 +94,8 @@ class HybridLM(nnx.Module):
             0.02 * jax.random.normal(rngs.params(), (config.vocab_size, config.hidden_size),
                                      param_dtype))
         self.layers = nnx.List([
-            DecoderLayer(config, t, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend)
-            for t in config.layer_types])
+            DecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend)
+            for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = Dense(config.hidden_size, config.vocab_size, dtype=dtype,
@@ -106,21 +112,22 @@ class HybridLM(nnx.Module):
                           preferred_element_type=jnp.float32, precision=matmul_precision(self.dtype))
 
     def _run_causal(self, tokens: jax.Array, segment_ids: jax.Array, plan: _CallPlan,
-                    cache: DecodeCache | None, write: bool) -> tuple[jax.Array, tuple, tuple]:
+                    cache: DecodeCache, write: bool) -> tuple[jax.Array, tuple, tuple]:
         h = self._embed(tokens)
         new_layers, pending = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache.layers[i]
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
             h, layer_cache, layer_pending = layer.causal(h, segment_ids, plan, layer_cache, write)
             new_layers.append(layer_cache)
             pending.append(layer_pending)
         return self._logits(h), tuple(new_layers), tuple(pending)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None, cache: DecodeCache | None = None
-                 ) -> tuple[jax.Array, DecodeCache | None]:
+                 positions: jax.Array | None = None, cache: DecodeCache | None = None, *,
+                 scan_layers: bool = False) -> tuple[jax.Array, DecodeCache | None]:
         """Causal mode. ``tokens [B, T]``; documents marked by ``segment_ids`` (default: one per
         row); ``positions`` default to positions inside each document, and are required with a cache.
+        Without a cache, ``scan_layers`` runs repeated layer groups in one ``lax.scan`` (see
+        :func:`~flare_jax.model.layer_scan.run_layers`; same numbers, faster compile).
 
         With a cache the tokens follow it (written at each row's ``length``) and the updated cache
         is returned. A row whose first new token has the segment id of the cache's last token
@@ -134,9 +141,13 @@ class HybridLM(nnx.Module):
             return logits, cache
         positions = document_positions(segment_ids) if positions is None else positions
         q_layout = TokenLayout.causal(segment_ids, positions)
-        logits, _, _ = self._run_causal(tokens, segment_ids, _CallPlan(q_layout, q_layout), None,
-                                        write=False)
-        return logits, None
+        plan = _CallPlan(q_layout, q_layout)
+
+        def apply(layer: DecoderLayer, h: jax.Array) -> jax.Array:
+            return layer.causal(h, segment_ids, plan, None, write=False)[0]
+
+        h = run_layers(self.layers, self._embed(tokens), apply, scan=scan_layers)
+        return self._logits(h), None
 
     def append(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
                cache: DecodeCache) -> tuple[jax.Array, DecodeCache, PendingAppend]:
@@ -181,22 +192,22 @@ class HybridLM(nnx.Module):
         return logits
 
     def flare(self, clean: jax.Array, noisy: jax.Array, layout: FlareLayout, *,
-              remat: bool = False, constrain: Callable[[jax.Array], jax.Array] | None = None
-              ) -> tuple[jax.Array, jax.Array]:
+              remat: bool = False, constrain: Callable[[jax.Array], jax.Array] | None = None,
+              scan_layers: bool = False) -> tuple[jax.Array, jax.Array]:
         """FLARE training mode: the clean row and its noised copy ``[B, L]`` in one pass.
 
         ``remat`` recomputes each decoder layer in the backward pass instead of storing its
         activations; ``constrain`` is applied to the hidden states ``[B, 2L, hidden]`` after the
-        embedding and every layer (training uses it for sharding constraints).
+        embedding and every layer (training uses it for sharding constraints); ``scan_layers`` runs
+        repeated layer groups in one ``lax.scan`` (see :func:`~flare_jax.model.layer_scan.run_layers`;
+        same numbers, the program holds one group instead of every layer).
         Returns ``(clean_logits, noisy_logits)``, each ``[B, L, V]``.
         """
         keep = constrain if constrain is not None else (lambda x: x)
-        run = nnx.remat(_layer_flare) if remat else _layer_flare
+
+        def apply(layer: DecoderLayer, h: jax.Array) -> jax.Array:
+            return keep(layer.flare(h, layout))
+
         h = keep(self._embed(jnp.concatenate([clean, noisy], axis=1)))
-        for layer in self.layers:
-            h = keep(run(layer, h, layout))
+        h = run_layers(self.layers, h, apply, scan=scan_layers, remat=remat)
         return tuple(jnp.split(self._logits(h), 2, axis=1))
-
-
-def _layer_flare(layer: DecoderLayer, h: jax.Array, layout: FlareLayout) -> jax.Array:
-    return layer.flare(h, layout)

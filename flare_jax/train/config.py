@@ -22,6 +22,7 @@ from flare_jax.objective import LossConfig, NoiseConfig
 
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("auto", "reference", "gpu", "tpu")
+OBJECTIVES = ("flare", "causal")
 
 
 class TrainConfigError(ValueError):
@@ -42,6 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype; parameters and optimizer state stay fp32
     c.model.backend = "auto"
     c.model.remat = False  # recompute each decoder layer in the backward pass
+    c.model.scan_layers = True  # run repeated layer groups in one lax.scan: the compiled program
+    # holds one group instead of every layer (same numbers; stacks that do not repeat run unrolled)
 
     c.data = ml_collections.ConfigDict()
     c.data.paths = ()
@@ -80,6 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
 
     c.train = ml_collections.ConfigDict()
+    c.train.objective = "flare"  # or "causal": plain next-token training of the clean rows
     c.train.steps = 1000
     c.train.grad_accum = 1
     c.train.log_every = 10
@@ -132,6 +136,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("model.dtype", lambda v: v in DTYPES, f"one of {DTYPES}"),
         ("model.backend", lambda v: v in BACKENDS, f"one of {BACKENDS}"),
         ("model.remat", lambda v: isinstance(v, bool), "a bool"),
+        ("model.scan_layers", lambda v: isinstance(v, bool), "a bool"),
         ("data.paths", lambda v: isinstance(v, list | tuple) and len(v) > 0
          and all(isinstance(p, str) for p in v), "a non-empty list of file paths/globs"),
         ("data.tokenizer_dir", lambda v: isinstance(v, str), "a path string"),
@@ -159,6 +164,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("mesh.data", lambda v: _int(v) and (v >= 1 or v == -1), "a positive int or -1"),
         ("mesh.fsdp", lambda v: _int(v) and (v >= 1 or v == -1), "a positive int or -1"),
         ("mesh.tensor", lambda v: _int(v) and (v >= 1 or v == -1), "a positive int or -1"),
+        ("train.objective", lambda v: v in OBJECTIVES, f"one of {OBJECTIVES}"),
         ("train.steps", lambda v: _int(v) and v >= 1, "a positive int"),
         ("train.grad_accum", lambda v: _int(v) and v >= 1, "a positive int"),
         ("train.log_every", lambda v: _int(v) and v >= 1, "a positive int"),

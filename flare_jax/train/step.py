@@ -93,6 +93,7 @@ class StepConfig:
     loss: LossConfig
     grad_accum: int = 1
     remat: bool = False  # recompute each decoder layer in the backward pass (FLARE objective)
+    scan_layers: bool = True  # one lax.scan over repeated layer groups (same numbers, fast compile)
     objective: str = "flare"  # or "causal": the plain AR baseline on the clean row only
 
 
@@ -131,13 +132,14 @@ def make_train_step(binder: ModelBinder, tx: optax.GradientTransformation, cfg: 
         model = binder(params)
         tokens, segment_ids, loss_mask = micro["tokens"], micro["segment_ids"], micro["loss_mask"]
         if cfg.objective == "causal":
-            logits, _ = model(tokens, segment_ids)
+            logits, _ = model(tokens, segment_ids, scan_layers=cfg.scan_layers)
             mean, metrics = _causal_loss(logits, tokens, loss_mask, segment_ids)
             weight = metrics["ar_tokens"]
         else:
             layout = FlareLayout.from_segments(segment_ids, cfg.block_size)
             clean_logits, noisy_logits = model.flare(tokens, micro["noisy"], layout,
-                                                     remat=cfg.remat, constrain=constrain)
+                                                     remat=cfg.remat, constrain=constrain,
+                                                     scan_layers=cfg.scan_layers)
             mean, metrics = flare_loss(clean_logits, noisy_logits, tokens, micro["noise_mask"],
                                        loss_mask, segment_ids, micro["rate"], cfg.loss)
             weight = w_ar * metrics["ar_tokens"] + w_diff * metrics["diffusion_tokens"]

@@ -1,0 +1,76 @@
+"""Running a stack of decoder layers: unrolled, or as one ``lax.scan`` over repeated layer groups.
+
+A hybrid stack repeats one group pattern (Qwen3.5: three linear layers, then a full one). Unrolled,
+every layer (and its kernels) is a separate piece of the compiled program; scanned, the group body
+is compiled once. The parameters stay per layer (the module tree, checkpoints and sharding rules do
+not change): at call time the states of the layers that play the same role in every group are
+stacked, and the scan body merges each role's graph with its slice of the stack. Gradients flow
+back through the stack to the per-layer parameters. Both paths run the same operations in the same
+dtypes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LayerFn = Callable[[nnx.Module, jax.Array], jax.Array]  # (layer, hidden) -> hidden
+
+
+def _signature(layer: nnx.Module) -> tuple:
+    """What layers must share to be stacked: graph, state structure, shapes and dtypes."""
+    graphdef, state = nnx.split(layer)
+    leaves, treedef = jax.tree.flatten(state)
+    return graphdef, treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves)
+
+
+def group_period(layers: Sequence[nnx.Module]) -> int | None:
+    """The smallest group size ``p`` such that layer ``i`` has the graph and parameter shapes of
+    layer ``i - p`` for every ``i >= p``, with at least two full groups; None if there is none."""
+    signatures = [_signature(layer) for layer in layers]
+    n = len(signatures)
+    for p in range(1, n // 2 + 1):
+        if all(signatures[i] == signatures[i - p] for i in range(p, n)):
+            return p
+    return None
+
+
+def run_layers(layers: Sequence[nnx.Module], h: jax.Array, apply: LayerFn, *, scan: bool,
+               remat: bool = False) -> jax.Array:
+    """``h = apply(layer, h)`` for every layer in order; ``remat`` recomputes each layer in the
+    backward pass instead of storing its activations.
+
+    With ``scan`` and a repeating stack (:func:`group_period`) the full groups run as one
+    ``lax.scan`` over stacked per-role states and any leftover layers run unrolled after it;
+    otherwise every layer runs unrolled.
+    """
+    period = group_period(layers) if scan else None
+    if period is None:
+        run = nnx.remat(apply) if remat else apply
+        for layer in layers:
+            h = run(layer, h)
+        return h
+    groups = len(layers) // period
+    split = [nnx.split(layer) for layer in layers[:groups * period]]
+
+    def role_fn(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], jax.Array]:
+        def fn(state: nnx.State, x: jax.Array) -> jax.Array:
+            return apply(nnx.merge(graphdef, state), x)
+
+        # prevent_cse=False: the scan already keeps the recomputation out of the forward pass.
+        return jax.checkpoint(fn, prevent_cse=False) if remat else fn
+
+    roles = [role_fn(graphdef) for graphdef, _ in split[:period]]
+    stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in split[r::period]))
+               for r in range(period)]
+
+    def body(x: jax.Array, group: list[nnx.State]) -> tuple[jax.Array, None]:
+        for fn, state in zip(roles, group, strict=True):
+            x = fn(state, x)
+        return x, None
+
+    h, _ = jax.lax.scan(body, h, stacked)
+    return run_layers(layers[groups * period:], h, apply, scan=False, remat=remat)
