@@ -67,10 +67,12 @@ def _train(args: argparse.Namespace) -> None:
 
     cfg = load_config_file(args.config)
     apply_overrides(cfg, args.overrides)
-    if args.distributed:
-        import jax
+    distributed = (args.coordinator_address, args.num_processes, args.process_id,
+                   args.local_device_ids)
+    if args.distributed or any(v is not None for v in distributed):
+        from flare_jax.train.mesh import initialize_distributed
 
-        jax.distributed.initialize()
+        initialize_distributed(*distributed)
     result = train(cfg)
     if result.export_dir is not None:
         print(f"wrote {result.export_dir}")
@@ -97,9 +99,19 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from flare_jax.demo import run_demo
+    from flare_jax.demo import DemoSettings
+    from flare_jax.demo.pipeline import run_demo
 
-    run_demo(Path(args.workdir))
+    run_demo(Path(args.workdir), DemoSettings(
+        seed_steps=args.seed_steps, flare_steps=args.flare_steps,
+        train_examples=args.train_examples, eval_examples=args.eval_examples,
+        ablation=args.ablation))
+
+
+def _demo_defaults():
+    from flare_jax.demo import DemoSettings
+
+    return DemoSettings()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Override any field with --config.<section>.<field>=<value> (a Python literal).")
     train.add_argument("--config", type=Path, required=True, help="configs/<name>.py")
     train.add_argument("--distributed", action="store_true",
-                       help="call jax.distributed.initialize() (multi-host launchers)")
+                       help="join jax.distributed: settings from the flags below, else from "
+                            "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID / "
+                            "JAX_LOCAL_DEVICE_IDS, else auto-detected (SLURM, TPU VMs, Open MPI)")
+    train.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                       help="process 0's address (implies --distributed)")
+    train.add_argument("--num-processes", type=int, default=None)
+    train.add_argument("--process-id", type=int, default=None)
+    train.add_argument("--local-device-ids", default=None, metavar="0,1,...",
+                       type=lambda s: [int(i) for i in s.split(",")],
+                       help="devices of this process (default: all visible)")
     train.set_defaults(run=_train, overrides=[])
 
     evaluate = commands.add_parser("eval", help="likelihood or exact-match task evaluation")
@@ -159,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the end-to-end demo on an embedded default")
     demo.add_argument("--workdir", default="runs/demo")
+    defaults = _demo_defaults()
+    for flag, help_text in (("seed-steps", "AR training steps of the seed"),
+                            ("flare-steps", "FLARE conversion training steps"),
+                            ("train-examples", "generated training examples"),
+                            ("eval-examples", "generated evaluation prompts")):
+        field = flag.replace("-", "_")
+        demo.add_argument(f"--{flag}", type=int, default=getattr(defaults, field),
+                          help=f"{help_text} (default %(default)s)")
+    demo.add_argument("--ablation", action="store_true",
+                      help="also convert on mismatched transfer data (one more row)")
     demo.set_defaults(run=_demo)
 
     from flare_jax.data.tools.cli import add_data_commands

@@ -1,6 +1,11 @@
 """Training checkpoints with Orbax ``CheckpointManager``: the train state (step, fp32 parameters,
 optimizer state; saved asynchronously, restorable onto any mesh) and each process's grain
-iterator state, so that a resumed run continues the same data order."""
+iterator state, so that a resumed run continues the same data order.
+
+A save is written under a temporary ``<step>.orbax-checkpoint-tmp-*`` directory and renamed to
+``<step>`` only once every process has finished writing, so a run killed mid-save leaves no
+step that :meth:`Checkpointer.latest_step` would return; the stale directory is removed when the
+next run opens the checkpoint directory."""
 
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, keep: int, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(), options=options,
             item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
@@ -51,14 +57,18 @@ class Checkpointer:
             DATA_ITEM: grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state)),
         }), force=True)
 
-    def restore(self, step: int, abstract_state: TrainState, iterator: Any) -> TrainState:
-        """Restore ``step`` onto the shardings of ``abstract_state`` (``ShapeDtypeStruct``s);
-        ``iterator`` is moved to the saved position in place."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-            DATA_ITEM: grain.checkpoint.CheckpointRestore(iterator),
-        }))
-        return restored[STATE_ITEM]
+    def restore(self, step: int, abstract_state: TrainState, iterator: Any = None) -> TrainState:
+        """Restore ``step`` onto the shardings of ``abstract_state`` (``ShapeDtypeStruct``s, any
+        mesh); ``iterator`` (if given) is moved to the saved position in place."""
+        items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+        if iterator is not None:
+            items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))[STATE_ITEM]
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process once one of them got SIGTERM (JAX's preemption service of a
+        ``jax.distributed`` run): all stop at this same ``step``. Always False otherwise."""
+        return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are written."""

@@ -96,8 +96,9 @@ def export_checkpoint(directory: Path, config: ModelConfig, params: Nested,
 def train(cfg: ml_collections.ConfigDict, stop_after: int | None = None) -> TrainResult:
     """Run (or resume from the newest checkpoint in ``workdir``) the training described by
     ``cfg`` (see :mod:`flare_jax.train.config`). ``stop_after`` ends this call after that many
-    steps with a checkpoint (a job with a time limit); the final export happens only once
-    ``train.steps`` is reached."""
+    steps with a checkpoint (a job with a time limit), as does SIGTERM to a process of a
+    ``jax.distributed`` run (all processes stop at the same step); the final export happens only
+    once ``train.steps`` is reached."""
     train_config.validate(cfg)
     workdir = Path(cfg.workdir)
     init_from = Path(cfg.model.init_from) if cfg.model.init_from else None
@@ -139,7 +140,7 @@ def train(cfg: ml_collections.ConfigDict, stop_after: int | None = None) -> Trai
         block_size=cfg.block_size,
         noise=train_config.noise_config(cfg, model_config.mask_token_id),
         loss=train_config.loss_config(cfg), grad_accum=cfg.train.grad_accum,
-        remat=cfg.model.remat)
+        remat=cfg.model.remat, objective=cfg.train.objective, scan_layers=cfg.model.scan_layers)
     binder = ModelBinder(model_config, COMPUTE_DTYPES[cfg.model.dtype], cfg.model.backend)
     step_fn = make_train_step(binder, tx, step_cfg, mesh, shardings, cfg.seed)
 
@@ -149,7 +150,7 @@ def train(cfg: ml_collections.ConfigDict, stop_after: int | None = None) -> Trai
     logger = MetricsLogger(
         workdir / METRICS_FILE, total_steps=cfg.train.steps, start_step=start,
         flops_per_step=rows * train_flops_per_row(model_config, cfg.data.seq_len, cfg.block_size,
-                                                  flare=True),
+                                                  flare=cfg.train.objective == "flare"),
         tokens_per_step=rows * cfg.data.seq_len,
         peak=peak_flops(jax.devices()[0], cfg.train.peak_tflops), progress=cfg.train.progress)
     history = []
@@ -160,8 +161,13 @@ def train(cfg: ml_collections.ConfigDict, stop_after: int | None = None) -> Trai
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 history.append(logger.record(done, jax.device_get(metrics), schedule(step)))
             every = cfg.checkpoint.every
-            if (every and done % every == 0) or done == end:
+            preempted = checkpointer.reached_preemption(done)
+            if (every and done % every == 0) or done == end or preempted:
                 checkpointer.save(done, state, iterator.get_state())
+            if preempted:
+                log.warning("preemption signal: stopped after the checkpoint of step %d", done)
+                end = done
+                break
     finally:
         logger.close()
         checkpointer.close()

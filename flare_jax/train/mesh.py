@@ -1,7 +1,9 @@
-"""The device mesh of training: axes ``("data", "fsdp", "tensor")``."""
+"""The device mesh of training (axes ``("data", "fsdp", "tensor")``) and joining the
+multi-process runtime."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import jax
@@ -34,3 +36,30 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(data, fsdp, tensor, len(devices))
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           local_device_ids: Sequence[int] | None = None) -> None:
+    """Join JAX's multi-controller runtime (``jax.distributed.initialize``).
+
+    Each setting comes from the argument, else from ``JAX_COORDINATOR_ADDRESS`` /
+    ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` / ``JAX_LOCAL_DEVICE_IDS`` (comma-separated), else
+    from JAX's cluster auto-detection (SLURM, Open MPI, Cloud TPU VMs, Kubernetes). When address,
+    count and id are all given, auto-detection is off, so every visible device is used unless
+    ``local_device_ids`` restricts them (SLURM auto-detection would keep one GPU per task)."""
+    address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    count = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    index = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+    if local_device_ids is None and os.environ.get("JAX_LOCAL_DEVICE_IDS"):
+        local_device_ids = [int(i) for i in os.environ["JAX_LOCAL_DEVICE_IDS"].split(",")]
+    explicit = None not in (address, count, index)
+    jax.distributed.initialize(
+        coordinator_address=address, num_processes=count, process_id=index,
+        local_device_ids=None if local_device_ids is None else list(local_device_ids),
+        cluster_detection_method="deactivate" if explicit else None)

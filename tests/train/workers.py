@@ -1,7 +1,8 @@
 """Subprocess workers of the training tests (each runs with its own XLA_FLAGS / process id).
 
-Usage: ``python tests/train/workers.py <loop|meshes|distributed> <out.json> [args]``. Each writes a
-JSON result the tests compare.
+Usage: ``python tests/train/workers.py <name> <out.json> [args]``; ``distributed``, ``layouts``
+and ``train_cli`` run in the processes of a ``launch/local.py`` job. Each writes a JSON result
+the tests compare.
 """
 
 from __future__ import annotations
@@ -116,22 +117,13 @@ def fixed_batch(rows: int, length: int, vocab: int) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "segment_ids": segment_ids, "loss_mask": loss_mask}
 
 
-def run_steps(mesh, batch: dict[str, np.ndarray], steps: int = 3, grad_accum: int = 1,
-              loss=None, keep_initial: bool = False) -> dict:
-    """``steps`` FLARE train steps of the tiny model on ``batch`` (this process's rows);
+def tiny_training(loss=None, grad_accum: int = 1):
+    """The tiny config's model config, optimizer and step config (``LOOP_STEPS`` schedule);
     ``loss`` overrides the config's loss balance."""
     from flare_jax.train import config as train_config
     from flare_jax.train import load_config_file
     from flare_jax.train.optimizer import make_optimizer
-    from flare_jax.train.sharding import global_batch
-    from flare_jax.train.step import (
-        ModelBinder,
-        StepConfig,
-        init_params,
-        init_state,
-        make_train_step,
-        state_shardings,
-    )
+    from flare_jax.train.step import StepConfig
 
     cfg = load_config_file(TINY_CONFIG)
     model_config = train_config.model_config_from(cfg, None)
@@ -140,27 +132,47 @@ def run_steps(mesh, batch: dict[str, np.ndarray], steps: int = 3, grad_accum: in
                            total_steps=LOOP_STEPS, min_lr_ratio=o.min_lr_ratio,
                            weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
                            clip_norm=o.clip_norm)
-    params = init_params(model_config, 0, mesh)
-    state = init_state(tx, params, mesh)
     step_cfg = StepConfig(block_size=cfg.block_size,
                           noise=train_config.noise_config(cfg, model_config.mask_token_id),
                           loss=loss or train_config.loss_config(cfg), grad_accum=grad_accum)
-    extra = {}
-    if keep_initial:  # the step donates the state: copy the initial parameters out first
-        extra = {"model_config": model_config,
-                 "initial_params": jax.tree.map(np.asarray, params)}
+    return model_config, tx, step_cfg
+
+
+def train_steps(state, mesh, batch: dict[str, np.ndarray], steps: int, training) -> tuple:
+    """``steps`` train steps from ``state`` on ``batch`` (this process's rows); the final state
+    and the per-step losses, gradient norms and token counts."""
+    from flare_jax.train.sharding import global_batch
+    from flare_jax.train.step import ModelBinder, make_train_step, state_shardings
+
+    model_config, tx, step_cfg = training
     step_fn = make_train_step(ModelBinder(model_config, jnp.float32, "reference"), tx, step_cfg,
-                              mesh, state_shardings(tx, params, mesh), seed=0)
+                              mesh, state_shardings(tx, state.params, mesh), seed=0)
     losses, grad_norms, tokens = [], [], []
     for _ in range(steps):
         state, metrics = step_fn(state, global_batch(batch, mesh))
         losses.append(float(metrics["loss"]))
         grad_norms.append(float(metrics["grad_norm"]))
         tokens.append([float(metrics["ar_tokens"]), float(metrics["diffusion_tokens"])])
+    return state, {"losses": losses, "grad_norms": grad_norms, "tokens": tokens}
+
+
+def run_steps(mesh, batch: dict[str, np.ndarray], steps: int = 3, grad_accum: int = 1,
+              loss=None, keep_initial: bool = False) -> dict:
+    """``steps`` FLARE train steps of the tiny model from its seed-0 init on ``batch`` (this
+    process's rows); ``loss`` overrides the config's loss balance."""
+    from flare_jax.train.step import init_params, init_state
+
+    training = tiny_training(loss, grad_accum)
+    model_config, tx, _ = training
+    params = init_params(model_config, 0, mesh)
+    extra = {}
+    if keep_initial:  # the step donates the state: copy the initial parameters out first
+        extra = {"model_config": model_config,
+                 "initial_params": jax.tree.map(np.asarray, params)}
+    state, result = train_steps(init_state(tx, params, mesh), mesh, batch, steps, training)
     gathered = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
                             state.params) if jax.process_count() > 1 else state.params
-    return {"losses": losses, "grad_norms": grad_norms, "tokens": tokens,
-            "params": flat_params(gathered).tolist(), **extra}
+    return {**result, "params": flat_params(gathered).tolist(), **extra}
 
 
 def meshes(out: Path) -> dict:
@@ -183,24 +195,176 @@ def meshes(out: Path) -> dict:
         return {name: future.result() for name, future in futures.items()}
 
 
-def distributed(out: Path, process_id: int, port: int) -> dict:
-    """Process ``process_id`` of 2 (2 host devices each) on its half of the global batch."""
-    from flare_jax.train.mesh import make_mesh
+def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's consecutive share of the global batch rows."""
+    rows = len(batch["tokens"]) // jax.process_count()
+    part = slice(rows * jax.process_index(), rows * (jax.process_index() + 1))
+    return {k: v[part] for k, v in batch.items()}
 
-    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
-                               process_id=process_id)
-    batch = fixed_batch(4, 32, 64)
-    rows = slice(2 * process_id, 2 * (process_id + 1))
-    local = {k: v[rows] for k, v in batch.items()}
-    result = run_steps(make_mesh(-1, 1, 1), local)
+
+def distributed(out: Path) -> dict:
+    """A process of a ``launch/local.py`` job (2 x 2 host devices) on its half of the batch."""
+    from flare_jax.train.mesh import initialize_distributed, make_mesh
+
+    initialize_distributed()
+    result = run_steps(make_mesh(-1, 1, 1), local_rows(fixed_batch(4, 32, 64)))
     result["process_count"] = jax.process_count()
     result["device_count"] = jax.device_count()
     return result
 
 
+# The meshes of the process-layout runs (data, fsdp, tensor) over 8 devices.
+LAYOUT_MESHES = {"data": (8, 1, 1), "fsdp": (1, 8, 1), "fsdp_tensor": (1, 4, 2)}
+LAYOUT_STEPS = 3
+INIT_STEP, SAVED_STEP = 0, LAYOUT_STEPS  # checkpoint steps: the initial and the trained state
+
+
+def _state_template(training, mesh):
+    """Abstract train state of the tiny model in the shardings of ``mesh``."""
+    from flare_jax.train.checkpointing import abstract_like
+    from flare_jax.train.step import TrainState, abstract_params, state_shardings
+
+    model_config, tx, _ = training
+    params = abstract_params(model_config)
+    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
+                          jax.eval_shape(tx.init, params))
+    return abstract_like(abstract, state_shardings(tx, params, mesh))
+
+
+def host_leaves(state) -> list[np.ndarray]:
+    """Every leaf of a (single-process) train state as a numpy array."""
+    return [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+def shard_mismatch(state, reference: list[np.ndarray], exact: bool) -> float:
+    """Largest difference between this process's shards of ``state`` and the same slices of
+    ``reference`` (full arrays); ``inf`` on a shape or dtype difference; no gathering."""
+    worst = 0.0
+    for leaf, ref in zip(jax.tree.leaves(state), reference, strict=True):
+        if leaf.shape != ref.shape or leaf.dtype != ref.dtype:
+            return float("inf")
+        for shard in leaf.addressable_shards:
+            got, want = np.asarray(shard.data), ref[shard.index]
+            if exact:
+                same = np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(want).tobytes()
+                worst = max(worst, 0.0 if same else 1.0)
+            else:
+                worst = max(worst, float(np.max(np.abs(got - want), initial=0.0)))
+    return worst
+
+
+def layouts(out: Path, shared: Path, meshes: Path | None = None) -> dict:
+    """A process of a ``launch/local.py`` job over 8 devices in all (1 x 8, 2 x 4 or 4 x 2):
+    3 FLARE steps on the data, fsdp and fsdp+tensor meshes (or the comma-separated ``meshes``;
+    the first job runs all), each starting from the initial state
+    in the Orbax checkpoint under ``shared`` (the first job, 1 x 8, writes it). The 1 x 8 job also
+    saves the fsdp run's final state (step 3) and numpy copies of the states; the others compare
+    their final states with those and restore the saved step onto their fsdp+tensor mesh."""
+    from flare_jax.train.checkpointing import Checkpointer
+    from flare_jax.train.mesh import initialize_distributed, make_mesh
+    from flare_jax.train.step import init_params, init_state
+
+    initialize_distributed()
+    training = tiny_training()
+    checkpointer = Checkpointer(shared / "checkpoints", keep=2, async_save=False)
+    first = checkpointer.latest_step() is None
+    if first:
+        mesh = make_mesh(*LAYOUT_MESHES["fsdp"])
+        checkpointer.save(INIT_STEP, init_state(training[1], init_params(training[0], 0, mesh),
+                                                mesh), {})
+    batch = local_rows(fixed_batch(8, 32, 64))
+    result: dict = {"process_count": jax.process_count(), "device_count": jax.device_count()}
+    names = list(LAYOUT_MESHES) if first or meshes is None else str(meshes).split(",")
+    for name in names:
+        mesh = make_mesh(*LAYOUT_MESHES[name])
+        state = checkpointer.restore(INIT_STEP, _state_template(training, mesh))
+        state, result[name] = train_steps(state, mesh, batch, LAYOUT_STEPS, training)
+        if first:
+            np.savez(shared / f"{name}.npz", *host_leaves(state))
+            if name == "fsdp":
+                checkpointer.save(SAVED_STEP, state, {})
+        else:
+            reference = list(np.load(shared / f"{name}.npz").values())
+            result[name]["state_max_diff"] = shard_mismatch(state, reference, exact=False)
+    if not first:
+        mesh = make_mesh(*LAYOUT_MESHES["fsdp_tensor"])
+        restored = checkpointer.restore(SAVED_STEP, _state_template(training, mesh))
+        reference = list(np.load(shared / "fsdp.npz").values())
+        result["restored_mismatch"] = shard_mismatch(restored, reference, exact=True)
+    checkpointer.close()
+    return result
+
+
+def restore(out: Path, shared: Path) -> dict:
+    """One process (4 devices): the step saved by the 1 x 8 fsdp run restored onto a 4-device
+    fsdp and a 2 x 2 fsdp+tensor mesh; bitwise comparison with the saved numpy copy."""
+    from flare_jax.train.checkpointing import Checkpointer
+    from flare_jax.train.mesh import make_mesh
+
+    training = tiny_training()
+    checkpointer = Checkpointer(shared / "checkpoints", keep=2, async_save=False)
+    reference = list(np.load(shared / "fsdp.npz").values())
+    result = {"device_count": jax.device_count(), "latest": checkpointer.latest_step()}
+    for name, shape in {"fsdp4": (1, 4, 1), "fsdp2_tensor2": (1, 2, 2)}.items():
+        state = checkpointer.restore(SAVED_STEP, _state_template(training, make_mesh(*shape)))
+        result[name] = {
+            "mismatch": shard_mismatch(state, reference, exact=True),
+            "specs": sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.params)}),
+            "opt_leaves": len(jax.tree.leaves(state.opt_state)),
+        }
+    return result
+
+
+def train_cli(out: Path, signal_at: int, signum: int, hold_save: int, *argv: str) -> None:
+    """``flare train`` (in a ``launch/local.py`` job) with preemption hooks: send ``signum`` to
+    this process right after dispatching the step that ends at ``signal_at``; block inside the
+    save of step ``hold_save`` (its temporary directory exists, nothing is committed) after
+    writing the marker ``out``. 0 disables a hook."""
+    import os
+    import time
+
+    from flare_jax import cli
+    from flare_jax.train import checkpointing, loop
+
+    make_train_step = loop.make_train_step
+
+    def killing_step(*args, **kwargs):
+        step_fn = make_train_step(*args, **kwargs)
+
+        def run(state, batch):
+            ending = int(state.step) + 1
+            state, metrics = step_fn(state, batch)
+            if ending == signal_at:
+                os.kill(os.getpid(), signum)
+            return state, metrics
+
+        return run
+
+    def held_snapshot(self) -> bytes:
+        out.write_text(str(hold_save))
+        time.sleep(600)
+        return b""
+
+    save = checkpointing.Checkpointer.save
+
+    def holding_save(self, step, state, data_state):
+        if step == hold_save:
+            checkpointing._IteratorSnapshot.get_state = held_snapshot
+        save(self, step, state, data_state)
+
+    loop.make_train_step = killing_step
+    checkpointing.Checkpointer.save = holding_save
+    sys.exit(cli.main(["train", "--distributed", *argv]))
+
+
 if __name__ == "__main__":
     name, out_path = sys.argv[1], Path(sys.argv[2])
-    extra = [int(a) for a in sys.argv[3:]]
-    workers = {"loop": loop, "meshes": meshes, "distributed": distributed}
+    if name == "train_cli":
+        train_cli(out_path, *map(int, sys.argv[3:6]), *sys.argv[6:])
+    workers = {"loop": loop, "meshes": meshes, "distributed": distributed, "layouts": layouts,
+               "restore": restore}
+    extra = [Path(a) for a in sys.argv[3:]]
     result = workers[name](out_path, *extra)
+    if name in ("distributed", "layouts"):  # one result per process
+        out_path = out_path.with_name(f"{out_path.stem}_{jax.process_index()}.json")
     out_path.write_text(json.dumps(result))
