@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import glob
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grain
@@ -117,6 +118,22 @@ def corpus(patterns: Sequence[str]) -> grain.MapDataset:
         raise TypeError("patterns must be a sequence of paths or globs, not one string")
     paths = [p for pattern in patterns for p in sorted(glob.glob(pattern)) or [pattern]]
     return grain.MapDataset.concatenate([grain.MapDataset.source(open_source(p)) for p in paths])
+
+
+def json_lines(path: str | Path, error: type[ValueError] = RecordError
+               ) -> Iterator[tuple[str, Any]]:
+    """``("file:line", value)`` for every non-blank line of a jsonl file, read in order; a line
+    that is not JSON raises ``error`` naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{where}: not valid JSON ({e.msg})") from None
+            yield where, value
 
 
 def _decode_json(raw: bytes, where: str) -> Any:

@@ -5,13 +5,13 @@ evaluated in any decoding mode with accuracy, tokens per forward and throughput.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flare_jax.data.sources import json_lines
 from flare_jax.sampling.sampler import GenerationResult, Sampler
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -35,14 +35,7 @@ def read_task(path: str | Path) -> list[TaskExample]:
     if not path.is_file():
         raise TaskFileError(f"{path}: task file not found")
     examples = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskFileError(f"{where}: not valid JSON ({err.msg})") from None
+    for where, record in json_lines(path, TaskFileError):
         if not isinstance(record, dict) or "answer" not in record:
             raise TaskFileError(f"{where}: expected an object with 'answer' and 'prompt' or "
                                 "'messages'")
@@ -89,10 +82,11 @@ class TaskReport:
         return dataclasses.asdict(self)
 
 
-def evaluate_exact_match(sampler: Sampler, examples: Sequence[TaskExample], *, mode: str = "ar",
-                         batch_size: int = 32, max_new_tokens: int = 32, chat: bool = False,
-                         **generate_kwargs: Any) -> TaskReport:
-    """Generate for every example in ``mode`` and score extracted answers by exact match."""
+def generate_for_task(sampler: Sampler, examples: Sequence[TaskExample], *, mode: str = "ar",
+                      batch_size: int = 32, max_new_tokens: int = 32, chat: bool = False,
+                      **generate_kwargs: Any) -> tuple[list[GenerationResult], float]:
+    """Generate for every example in ``mode``, ``batch_size`` prompts per batch; returns the
+    results and the elapsed seconds."""
     if not examples:
         raise ValueError("no examples to evaluate")
     results: list[GenerationResult] = []
@@ -101,10 +95,25 @@ def evaluate_exact_match(sampler: Sampler, examples: Sequence[TaskExample], *, m
         chunk = examples[first:first + batch_size]
         results += sampler.generate([e.prompt for e in chunk], mode=mode, chat=chat,
                                     max_new_tokens=max_new_tokens, **generate_kwargs)
-    elapsed = time.perf_counter() - start
+    return results, time.perf_counter() - start
+
+
+def score_exact_match(results: Sequence[GenerationResult], examples: Sequence[TaskExample],
+                      mode: str, elapsed: float) -> TaskReport:
+    """Accuracy of the extracted answers and the decoding statistics of ``results``."""
     correct = sum(extract_answer(r.text or "") == normalize_answer(e.answer)
                   for r, e in zip(results, examples, strict=True))
     tokens = sum(len(r.tokens) for r in results)
     passes = sum(r.forward_passes for r in results)
     return TaskReport(mode, len(examples), correct / len(examples), tokens / max(passes, 1),
                       tokens / elapsed, tokens, passes)
+
+
+def evaluate_exact_match(sampler: Sampler, examples: Sequence[TaskExample], *, mode: str = "ar",
+                         batch_size: int = 32, max_new_tokens: int = 32, chat: bool = False,
+                         **generate_kwargs: Any) -> TaskReport:
+    """Generate for every example in ``mode`` and score extracted answers by exact match."""
+    results, elapsed = generate_for_task(sampler, examples, mode=mode, batch_size=batch_size,
+                                         max_new_tokens=max_new_tokens, chat=chat,
+                                         **generate_kwargs)
+    return score_exact_match(results, examples, mode, elapsed)

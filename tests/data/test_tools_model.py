@@ -216,7 +216,7 @@ def test_self_distill_malformed_prompt_writes_nothing(seed, tmp_path, capsys):
     bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
     assert main(["data", "self-distill", str(bad), "--checkpoint", str(ckpt), "--output",
                  str(tmp_path / "out.jsonl")]) == 2
-    assert "p.jsonl:2: not a JSON object" in capsys.readouterr().err
+    assert "p.jsonl:2: not valid JSON" in capsys.readouterr().err
     too_long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "a" * 600}])
     with pytest.raises(ValueError, match=r"long\.jsonl:1: the prompt has .* exceeds the context"):
         self_distill(too_long, sampler, tokenizer, tmp_path / "out.jsonl")

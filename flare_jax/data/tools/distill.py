@@ -12,7 +12,6 @@ checkpoint and sampling settings, with the batch's seed). Runs resume by chunk l
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from flare_jax.data.records import ROLES, Message, RecordError
+from flare_jax.data.sources import json_lines
 from flare_jax.data.tokenize import DocumentTokenizer
 from flare_jax.data.tools.io import ChunkedOutput
 from flare_jax.sampling import Sampler
@@ -75,23 +75,15 @@ def _read_prompts(path: Path, tokenizer: DocumentTokenizer, context: int,
     """Validate, render and encode every prompt; each must fit the sampler's (bucketed) cache."""
     new_tokens = bucket(max_new_tokens + 1, LENGTH_BUCKET)
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{where}: not a JSON object ({e})") from None
-            messages, text = parse_prompt(raw, where)
-            rendered = tokenizer.template.render(messages, True)
-            ids = tokenizer.tokenizer.encode(rendered, add_special_tokens=False).ids
-            if bucket(len(ids), LENGTH_BUCKET) + new_tokens > context:
-                raise ValueError(f"{where}: the prompt has {len(ids)} tokens; with "
-                                 f"max_new_tokens={max_new_tokens} it exceeds the context of "
-                                 f"{context} tokens")
-            prompts.append(_Prompt(len(prompts), messages, text, ids))
+    for where, raw in json_lines(path):
+        messages, text = parse_prompt(raw, where)
+        rendered = tokenizer.template.render(messages, True)
+        ids = tokenizer.tokenizer.encode(rendered, add_special_tokens=False).ids
+        if bucket(len(ids), LENGTH_BUCKET) + new_tokens > context:
+            raise ValueError(f"{where}: the prompt has {len(ids)} tokens; with "
+                             f"max_new_tokens={max_new_tokens} it exceeds the context of "
+                             f"{context} tokens")
+        prompts.append(_Prompt(len(prompts), messages, text, ids))
     return prompts
 
 
