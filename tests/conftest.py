@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# The legacy CPU fusion emitters compile several times faster (the tests are compile-bound).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1 "
+                                   "--xla_cpu_use_fusion_emitters=false")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

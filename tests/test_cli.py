@@ -1,4 +1,4 @@
-"""The command line: convert both ways, sample in each mode, the demo, and clear errors."""
+"""The command line: convert both ways, sample in each mode, and clear errors."""
 
 from __future__ import annotations
 
@@ -29,10 +29,3 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "HF checkpoint directory not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sample"])
-
-
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--workdir", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
-    assert "round trip bit-identical: True" in out
-    assert (tmp_path / "demo" / "checkpoint" / "params").is_dir()
