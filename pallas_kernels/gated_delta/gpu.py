@@ -30,7 +30,7 @@ def _block_v(n: int, dv: int) -> int:
     return bv
 
 
-def _check_shapes(chunk: int, dk: int, dv: int, interpret: bool) -> None:
+def check_shapes(chunk: int, dk: int, dv: int, interpret: bool) -> None:
     """Triton tiles need power-of-two sizes and dots need at least 16 along every side."""
     if interpret:
         return
@@ -110,7 +110,7 @@ def scan_fwd(
     ``[N, NT, Dk, Dv]`` fp32 (None unless ``write_states``) and the final state ``[N, Dk, Dv]``."""
     n, nt, chunk, dk = ct.qg.shape
     dv = ct.u0.shape[-1]
-    _check_shapes(chunk, dk, dv, interpret)
+    check_shapes(chunk, dk, dv, interpret)
     t = nt * chunk
     bv = tiling.width(n, dv)
     out_shape = [

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.gated_delta.gpu import check_shapes
+
 F32 = jnp.float32
 _MAX_BLOCK = 16
 
@@ -201,15 +203,6 @@ def _bwd_kernel(q, k, v, beta, g, rel, dqg, dp, dw, du0, dkd, dq, dk, dv, dbeta,
         dg[rows] = dgs[i] + jnp.where(c.last, dl_total, 0.0) if i == nb - 1 else dgs[i]
 
 
-def _check_shapes(chunk: int, dk: int, dv: int, interpret: bool) -> None:
-    """Triton tiles need power-of-two sizes and dots need at least 16 along every side."""
-    if interpret:
-        return
-    for name, size in (("chunk", chunk), ("d_k", dk), ("d_v", dv)):
-        if size < 16 or size & (size - 1):
-            raise ValueError(f"GPU gated-delta kernels need {name} a power of two >= 16: {size}")
-
-
 class _Layout:
     """Block specs of grid ``(B * Hv, NT)`` over the public layout (q, k ``[B, T, Hk, Dk]``;
     v ``[B, T, Hv, Dv]``; beta ``[B, T, Hv]``) and the flat ``[N, T, ...]`` chunk tensors
@@ -283,7 +276,7 @@ def prepare_fwd(
     """
     b, t, hk, dk = q.shape
     hv, dv = v.shape[2:]
-    _check_shapes(chunk, dk, dv, interpret)
+    check_shapes(chunk, dk, dv, interpret)
     lay = _Layout(hk, hv, chunk)
     widths = (dk, chunk, dk, dv, dk)
     return tuple(
