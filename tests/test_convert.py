@@ -67,18 +67,12 @@ def test_dtype_cast(hf_checkpoint, tmp_path):
 def test_vision_language_layout_converts_text_weights(tmp_path):
     """The released Qwen3.5 class nests text weights under model.language_model and the config
     under text_config; vision weights are skipped and the logits equal HF's text-only forward."""
-    from tiny_models import TINY, build_hf_model
+    from tiny_models import TINY, build_hf_model, vlm_from_text
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     torch.manual_seed(0)
-    config = Qwen3_5Config(text_config=dict(TINY), vision_config=dict(
-        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64))
-    vlm = Qwen3_5ForConditionalGeneration(config).eval()
     text_source = build_hf_model(seed=3)
-    with torch.no_grad():
-        for name, param in text_source.model.named_parameters():
-            vlm.model.language_model.get_parameter(name).copy_(param)
-        vlm.lm_head.weight.copy_(text_source.lm_head.weight)
+    vlm = vlm_from_text(Qwen3_5Config, Qwen3_5ForConditionalGeneration, TINY, text_source)
     vlm.save_pretrained(tmp_path / "vlm")
     ckpt = flare_jax.convert_hf(tmp_path / "vlm", tmp_path / "ckpt")
     tokens = np.array([[4, 8, 15, 16, 23, 42, 7]])

@@ -27,7 +27,7 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.torch import load_file
-from tiny_models import TINY_MOE, TINY_NEXT, build_hf_moe_model
+from tiny_models import TINY_MOE, TINY_NEXT, build_hf_moe_model, vlm_from_text
 
 import flare_jax
 from flare_jax.config import QWEN3_5_MOE, QWEN3_NEXT, ConfigError, ModelConfig
@@ -182,13 +182,8 @@ def test_vision_language_moe_layout_converts_like_text(families, tmp_path):
     from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
 
     text_model, _, text_ckpt = families["qwen3_5_moe"]
-    config = Qwen3_5MoeConfig(text_config=dict(TINY_MOE), vision_config=dict(
-        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64))
-    vlm = Qwen3_5MoeForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, param in text_model.model.named_parameters():
-            vlm.model.language_model.get_parameter(name).copy_(param)
-        vlm.lm_head.weight.copy_(text_model.lm_head.weight)
+    vlm = vlm_from_text(Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, TINY_MOE,
+                        text_model)
     vlm.save_pretrained(tmp_path / "vlm")
     ckpt = flare_jax.convert_hf(tmp_path / "vlm", tmp_path / "ckpt")
     ours = flare_jax.load(ckpt, dtype="float32")

@@ -60,3 +60,20 @@ def build_hf_moe_model(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**{**base, **overrides})
     return perturb_parameters(getattr(transformers, model_cls)(config).eval())
+
+
+TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+
+
+def vlm_from_text(config_cls, model_cls, text_fields: dict, text_model):
+    """A vision-language wrapper (``model_cls(config_cls(...))``, a tiny vision tower) whose
+    language model and LM head carry ``text_model``'s weights."""
+    import torch
+
+    config = config_cls(text_config=dict(text_fields), vision_config=dict(TINY_VISION))
+    vlm = model_cls(config).eval()
+    with torch.no_grad():
+        for name, param in text_model.model.named_parameters():
+            vlm.model.language_model.get_parameter(name).copy_(param)
+        vlm.lm_head.weight.copy_(text_model.lm_head.weight)
+    return vlm
