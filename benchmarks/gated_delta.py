@@ -94,6 +94,7 @@ def check_case(backend: str, hk: int, hv: int, dk: int, dv: int, full: bool) -> 
     )
     errs = {"o": max_rel(ok, o_r), "state": max_rel(sk, s_r)}
     errs |= {n: max_rel(x, y) for n, x, y in zip(GRAD_NAMES, gk, gr, strict=True)}
+    print_errs(f"hk{hk}_hv{hv}_dk{dk}_dv{dv} plain", errs)  # a call cut short keeps this line
     if not full:
         return errs
     hgrad = jax.jit(jax.grad(handoff_loss, argnums=(0, 1, 2)), static_argnames="backend")
@@ -104,7 +105,12 @@ def check_case(backend: str, hk: int, hv: int, dk: int, dv: int, full: bool) -> 
         *bf16, initial_state=s0, segment_ids=seg, backend=backend
     )
     errs["o_bf16_vs_fp32_ref"] = max_rel(o_bf16, o_r)
+    print_errs(f"hk{hk}_hv{hv}_dk{dk}_dv{dv} handoff, bf16", errs)
     return errs
+
+
+def print_errs(name: str, errs: dict) -> None:
+    print(f"  {name}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
 
 
 CHECK_LAYOUTS = ((2, 4, 128, 128), (1, 2, 64, 256))  # (Hk, Hv, Dk, Dv)
@@ -172,19 +178,18 @@ def bench_shape(b, t, h, d, backend, peers: bool) -> dict:
     return r
 
 
-SCAN_FWD_TILINGS = (
-    gpu.Tiling(),
-    gpu.Tiling(64),
-    gpu.Tiling(64, 8),
-    gpu.Tiling(16),
-    gpu.Tiling(num_stages=3),
-)
-SCAN_BWD_TILINGS = (gpu.Tiling(), gpu.Tiling(64, 8))
+class _Printed(dict):
+    """A dict that prints every entry as it is set (a profile cut short keeps its lines)."""
+
+    def __setitem__(self, key: str, value: float) -> None:
+        super().__setitem__(key, value)
+        print(f"  stage {key}: {value:.3f} ms", flush=True)
 
 
 def bench_stages(b, t, h, d, backend) -> dict:
-    """Profile of the GPU path at one shape: each kernel timed alone (with launch-parameter
-    variants), the XLA glue as the difference of the preparation with and without it."""
+    """Profile of the GPU path at one shape: each kernel timed alone (then launch variants), the
+    XLA glue as the difference of the preparation with and without it, the whole pass at chunk
+    32."""
     interpret = backend.endswith("_interpret")
     chunk, scale, bf16 = 64, d**-0.5, jnp.bfloat16
     (q, k, v, g, beta), _ = make_inputs(jax.random.PRNGKey(0), b, t, h, h, d, d, bf16)
@@ -192,40 +197,54 @@ def bench_stages(b, t, h, d, backend) -> dict:
     rel = reference.chunk_ids(reset, chunk).reshape(b, t)
     gcum = reference.chunk_log_decays(jnp.moveaxis(g, 2, 1), reset, chunk).reshape(b * h, t)
     prep_in = (q, k, v, beta.astype(F32), gcum, rel)
+    kw = dict(chunk=chunk, interpret=interpret)
     prepare = jax.jit(
         lambda *a: api._fused_prepare(interpret)(*a, reset, chunk, scale, bf16)  # noqa: SLF001
     )
     ct = prepare(q, k, v, g, beta)
     s0 = jnp.zeros((b * h, d, d), F32)
     do = jax.random.normal(jax.random.PRNGKey(1), ct.u0.shape, bf16)
-    r = {"prepare_fwd_with_glue": timeit(prepare, q, k, v, g, beta)}
-    for warps in (4, 8):
-        kernel = functools.partial(
-            gpu_prep.prepare_fwd, chunk=chunk, scale=scale, interpret=interpret, num_warps=warps
-        )
-        r[f"prepare_fwd_kernel_w{warps}"] = timeit(jax.jit(kernel), *prep_in)
-        kernel = functools.partial(
-            gpu_prep.prepare_bwd, chunk=chunk, scale=scale, interpret=interpret, num_warps=warps
-        )
-        cots = tuple(x.reshape(b * h, t, -1) for x in ct[:5])  # the kernels' flat layout
-        r[f"prepare_bwd_kernel_w{warps}"] = timeit(jax.jit(kernel), prep_in, cots)
-    for tiling in SCAN_FWD_TILINGS:
-        scan = functools.partial(gpu.scan_fwd, write_states=False, interpret=interpret, tiling=tiling)
-        r[f"scan_fwd_{tiling_name(tiling)}"] = timeit(jax.jit(scan), ct, s0)
-    for tiling in SCAN_BWD_TILINGS:
-        scan = functools.partial(gpu.scan_bwd, interpret=interpret, tiling=tiling)
-        r[f"scan_bwd_{tiling_name(tiling)}"] = timeit(jax.jit(scan), ct, do, s0, None)
+    r = _Printed()
+    r["prepare_fwd_with_glue"] = timeit(prepare, q, k, v, g, beta)
+    prepare_kernels = functools.partial(gpu_prep.prepare_fwd, scale=scale, **kw)
+    r["prepare_fwd_kernels"] = timeit(jax.jit(prepare_kernels), *prep_in)
+    r["kkt"] = timeit(jax.jit(functools.partial(gpu_prep.kkt, scale=scale, **kw)), *prep_in)
+    a = gpu_prep.kkt(*prep_in, scale=scale, **kw)[0]
+
+    def solve(warps: int) -> float:
+        fn = functools.partial(gpu_prep.solve, dtype=bf16, num_warps=warps, **kw)
+        return timeit(jax.jit(fn), a)
+
+    r["solve_w2"] = solve(2)
+    t_inv = gpu_prep.solve(a, dtype=bf16, **kw)
+    r["wy"] = timeit(jax.jit(functools.partial(gpu_prep.wy, **kw)), t_inv, *prep_in)
+    saved = (t_inv, *(x.reshape(b * h, t, -1) for x in (ct.w, ct.u0)))
+    cots = tuple(x.reshape(b * h, t, -1) for x in ct[:5])  # the kernels' flat layout
+
+    def prep_bwd(warps: int) -> float:
+        fn = functools.partial(gpu_prep.prepare_bwd, scale=scale, num_warps=warps, **kw)
+        return timeit(jax.jit(fn), prep_in, saved, cots)
+
+    r["prepare_bwd_w4"] = prep_bwd(4)
+    scan = functools.partial(gpu.scan_fwd, write_states=False, interpret=interpret)
+    r["scan_fwd"] = timeit(jax.jit(scan), ct, s0)
+    r["scan_bwd"] = timeit(jax.jit(functools.partial(gpu.scan_bwd, interpret=interpret)), ct, do, s0, None)
     _, h_states, _ = jax.jit(functools.partial(gpu.scan_fwd, write_states=True, interpret=interpret))(ct, s0)
     scan_vjp = jax.jit(api._kernel_scan_bwd, static_argnums=(0, 1))  # noqa: SLF001
     r["scan_bwd_with_xla_matmuls"] = timeit(scan_vjp, backend, False, (ct, h_states), (do, None, s0))
-    r["fwd_chunk32"] = timeit(
-        jax.jit(lambda *a: api.gated_delta_rule(*a, chunk_size=32, backend=backend)), q, k, v, g, beta
-    )
-    return r
 
+    def fwd32(*args):
+        return api.gated_delta_rule(*args, chunk_size=32, backend=backend)
 
-def tiling_name(tiling: gpu.Tiling) -> str:
-    return f"bv{tiling.block_v or 'auto'}_w{tiling.num_warps}_s{tiling.num_stages}"
+    def loss(*args):
+        o, s = fwd32(*args)
+        return jnp.sum(o.astype(F32)) + jnp.sum(s)
+
+    args = (q, k, v, g, beta)
+    r["fwd_chunk32"] = timeit(jax.jit(fwd32), *args)
+    r["fwd_bwd_chunk32"] = timeit(jax.jit(jax.grad(loss, argnums=range(5))), *args)
+    r["solve_w4"], r["solve_w8"], r["prepare_bwd_w8"] = solve(4), solve(8), prep_bwd(8)
+    return dict(r)
 
 
 def handoff_inputs(b, t, h, d) -> tuple[tuple[jax.Array, ...], jax.Array]:
@@ -340,7 +359,6 @@ def main() -> None:
     if not args.skip_check:
         print("correctness (max relative error vs reference, fp32):")
         for name, errs in guarded(check, args.backend, args.check).items():
-            print(f"  {name}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
             results[f"check_{name}"] = errs
         results["check_s"] = time.perf_counter() - start
         save()

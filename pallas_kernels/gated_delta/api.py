@@ -77,17 +77,21 @@ _kernel_scan.defvjp(_kernel_scan_fwd, _kernel_scan_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _kernel_prepare(interpret: bool, chunk: int, scale: float, *inputs: jax.Array):
-    return gpu_prep.prepare_fwd(*inputs, chunk=chunk, scale=scale, interpret=interpret)
+    return _kernel_prepare_fwd(interpret, chunk, scale, *inputs)[0]
 
 
 def _kernel_prepare_fwd(interpret: bool, chunk: int, scale: float, *inputs: jax.Array):
-    return _kernel_prepare(interpret, chunk, scale, *inputs), inputs
+    qg, p, w, u0, kd, t_inv = gpu_prep.prepare_fwd(*inputs, chunk=chunk, scale=scale, interpret=interpret)
+    return (qg, p, w, u0, kd), (inputs, (t_inv, w, u0))
 
 
-def _kernel_prepare_bwd(interpret: bool, chunk: int, scale: float, inputs, cotangents):
-    """Kernel VJP (recomputes A, T, w, u0); key-head gradients sum their value heads; the run
-    ids get no cotangent."""
-    dq, dk, *rest = gpu_prep.prepare_bwd(inputs, cotangents, chunk=chunk, scale=scale, interpret=interpret)
+def _kernel_prepare_bwd(interpret: bool, chunk: int, scale: float, residuals, cotangents):
+    """Kernel VJP (``T``, ``w``, ``u0`` saved by the forward); key-head gradients sum their
+    value heads; the run ids get no cotangent."""
+    inputs, saved = residuals
+    dq, dk, *rest = gpu_prep.prepare_bwd(
+        inputs, saved, cotangents, chunk=chunk, scale=scale, interpret=interpret
+    )
     b, t, hk, width = inputs[0].shape
     dq, dk = (x.reshape(b, t, hk, -1, width).sum(3) for x in (dq, dk))
     return (*(d.astype(x.dtype) for d, x in zip((dq, dk, *rest), inputs, strict=False)), None)

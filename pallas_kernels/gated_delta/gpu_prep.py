@@ -1,25 +1,29 @@
 """Pallas GPU (Triton lowering) kernels for the per-chunk preparation of the chunked form + VJP.
 
-Grid ``(N, NT)`` (N = batch * heads): one program per chunk computes, in registers, the decays,
-the masked ``A = beta (k k^T) * D`` and the unit-lower inverse ``T = (I + A)^-1`` as blocks of
-``bs = min(16, L)`` rows (diagonal blocks by nilpotent doubling, off-diagonal blocks by block
-forward substitution), then ``(qg, p, w, u0, kd)`` of ``reference.chunk_tensors`` (``w``,
-``u0`` by row blocks of ``T``; ``qg``, ``kd`` and ``p`` as whole-chunk tiles). Nothing
-``[L, L]``-sized but ``p`` reaches HBM; the backward recomputes ``A``, ``T``, ``w``, ``u0``.
+Split like fla's chunked kernels, every kernel on grid ``(N, NT)`` (N = batch * value heads, one
+program per chunk) and every matmul but the inverse's a whole-chunk tile:
 
-Backward (cotangents ``dqg, dp, dw, du0, dkd``), with ``Y_u = beta v``, ``Y_w = beta c e^G k``::
+1. ``kkt``: decays, ``A = beta (k k^T) * D`` (strictly lower, fp32 to HBM) and ``p``, ``qg``,
+   ``kd`` of ``reference.chunk_tensors`` (``A``, ``p``: one ``[L, Dk] x [Dk, L]`` dot each).
+2. ``solve``: ``T = (I + A)^-1`` from 16 x 16 blocks of ``A`` (diagonal blocks by nilpotent
+   doubling, off-diagonal blocks by block forward substitution), fp32 dots, stored whole in the
+   compute dtype.
+3. ``wy``: ``w = T (beta c e^G k)``, ``u0 = T (beta v)``, one ``[L, L] x [L, D]`` dot each.
+
+Backward (one kernel; ``T``, ``w``, ``u0`` are residuals of the forward; cotangents
+``dqg, dp, dw, du0, dkd``), with ``Y_u = beta v``, ``Y_w = beta c e^G k``::
 
     dY = T^T d(u0 | w);   dA = -tril(dY_u u0^T + dY_w w^T, -1)   (as dA = -T^T dT T^T)
 
-then the chain rule through ``A``, ``p``, ``qg``, ``kd`` to q, k, v, beta and ``G``. Matmul
-operands are in the inputs' dtype (bf16 on the fast path) with fp32 accumulation; the inverse,
-decays and gates are fp32.
+then the chain rule through ``A``, ``p``, ``qg``, ``kd`` to q, k, v, beta and ``G``, all as
+whole-chunk dots. Matmul operands are in the inputs' dtype (bf16 on the fast path) with fp32
+accumulation; the inverse, decays and gates are fp32.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +50,8 @@ def _dot(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False, dtyp
     )
 
 
-def _iota(bs: int, axis: int) -> jax.Array:
-    return jax.lax.broadcasted_iota(jnp.int32, (bs, bs), axis)
+def _iota(n: int, axis: int) -> jax.Array:
+    return jax.lax.broadcasted_iota(jnp.int32, (n, n), axis)
 
 
 def _decay(same: jax.Array, diff: jax.Array) -> jax.Array:
@@ -69,138 +73,97 @@ def _diag_inverse(a: jax.Array) -> jax.Array:
     return x
 
 
-class _Chunk:
-    """Gates, decays and the blocked ``A`` / ``T`` of one chunk (block-indexed dicts)."""
+class _Gates(NamedTuple):
+    """Per-chunk gates and decays (fp32) read from the ``beta``, ``gcum``, ``rel`` refs."""
 
-    def __init__(self, k_ref, v_ref, beta_ref, g_ref, rel_ref, bs: int):
-        self.nb = nb = k_ref.shape[0] // bs
-        self.k = functools.partial(_rows, k_ref, bs)
-        self.v = functools.partial(_rows, v_ref, bs)
-        self.b = [_rows(beta_ref, bs, a).astype(F32) for a in range(nb)]
-        self.g = [_rows(g_ref, bs, a).astype(F32) for a in range(nb)]
-        self.r = [_rows(rel_ref, bs, a) for a in range(nb)]
-        self.e = [jnp.where(r == 0, jnp.exp(g), 0.0) for r, g in zip(self.r, self.g, strict=True)]
-        last = jax.lax.broadcasted_iota(jnp.int32, (bs,), 0) == bs - 1
-        g_last = jnp.sum(jnp.where(last, self.g[-1], 0.0))
-        r_last = jnp.sum(jnp.where(last, self.r[-1], 0))
-        self.last = last
-        # Last row of D (decay from each token to the chunk's end).
-        self.dl = [_decay(r_last == r, g_last - g) for r, g in zip(self.r, self.g, strict=True)]
-        lower, strict = _iota(bs, 0) >= _iota(bs, 1), _iota(bs, 0) > _iota(bs, 1)
-        self.d, self.kk, self.a, self.strict = {}, {}, {}, strict
-        for i in range(nb):
-            for j in range(i + 1):
-                same = self.r[i][:, None] == self.r[j][None, :]
-                same = same & lower if i == j else same
-                self.d[i, j] = _decay(same, self.g[i][:, None] - self.g[j][None, :])
-                self.kk[i, j] = _dot(self.k(i), self.k(j), tb=True)
-                a = self.b[i][:, None] * self.kk[i, j] * self.d[i, j]
-                self.a[i, j] = jnp.where(strict, a, 0.0) if i == j else a
-        self.t = {}
-        for i in range(nb):
-            self.t[i, i] = _diag_inverse(self.a[i, i])
-            for j in range(i):
-                acc = sum(_dot(self.a[i, m], self.t[m, j]) for m in range(j, i))
-                self.t[i, j] = -_dot(self.t[i, i], acc)
+    beta: jax.Array  # [L]
+    e: jax.Array  # [L] c exp(G)
+    decay: jax.Array  # [L, L] D (same run, j <= i)
+    dl: jax.Array  # [L] D[L - 1, :], decay from each token to the chunk's end
+    last: jax.Array  # [L] bool, the chunk's last token
 
-    def y_w(self, j: int) -> jax.Array:
-        """Row block j of ``beta c e^G k`` (fp32), the right-hand side of ``w``."""
-        return (self.b[j] * self.e[j])[:, None] * self.k(j).astype(F32)
-
-    def y_u(self, j: int) -> jax.Array:
-        """Row block j of ``beta v`` (fp32), the right-hand side of ``u0``."""
-        return self.b[j][:, None] * self.v(j).astype(F32)
-
-    def apply_t(self, i: int, y: Callable[[int], jax.Array], dtype) -> jax.Array:
-        """Row block ``i`` of ``T Y`` (``y(j)``: row block j of Y)."""
-        return sum(_dot(self.t[i, j], y(j), dtype=dtype) for j in range(i + 1))
-
-    def apply_tt(self, j: int, y: Callable[[int], jax.Array], dtype) -> jax.Array:
-        """Row block ``j`` of ``T^T Y``."""
-        return sum(_dot(self.t[i, j], y(i), ta=True, dtype=dtype) for i in range(j, self.nb))
+    @classmethod
+    def load(cls, beta_ref, g_ref, rel_ref) -> _Gates:
+        g, r = g_ref[...].astype(F32), rel_ref[...]
+        chunk = g.shape[0]
+        same = (r[:, None] == r[None, :]) & (_iota(chunk, 0) >= _iota(chunk, 1))
+        last = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+        g_last, r_last = jnp.sum(jnp.where(last, g, 0.0)), jnp.sum(jnp.where(last, r, 0))
+        return cls(
+            beta=beta_ref[...].astype(F32),
+            e=jnp.where(r == 0, jnp.exp(g), 0.0),
+            decay=_decay(same, g[:, None] - g[None, :]),
+            dl=_decay(r == r_last, g_last - g),
+            last=last,
+        )
 
 
-def _rows(ref, bs: int, i: int) -> jax.Array:
-    """Row block ``i`` of a chunk ref (1-D gates or ``[L, D]`` tiles)."""
-    rows = pl.ds(i * bs, bs)
-    return ref[rows] if len(ref.shape) == 1 else ref[rows, :]
+def _strict(chunk: int) -> jax.Array:
+    return _iota(chunk, 0) > _iota(chunk, 1)
 
 
-def _fwd_kernel(q, k, v, beta, g, rel, qg, p, w, u0, kd, *, scale: float, bs: int):
-    c = _Chunk(k, v, beta, g, rel, bs)
+def _kkt_kernel(q, k, beta, g, rel, a, p, qg, kd, *, scale: float):
+    gt = _Gates.load(beta, g, rel)
+    q_all, k_all = q[...], k[...]
+    kk = _dot(k_all, k_all, tb=True)
+    a[...] = jnp.where(_strict(k.shape[0]), gt.beta[:, None] * kk * gt.decay, 0.0)
+    p[...] = (scale * _dot(q_all, k_all, tb=True) * gt.decay).astype(p.dtype)
+    qg[...] = (scale * gt.e[:, None] * q_all.astype(F32)).astype(qg.dtype)
+    kd[...] = (gt.dl[:, None] * k_all.astype(F32)).astype(kd.dtype)
+
+
+def _solve_kernel(a, t, *, bs: int):
+    nb = a.shape[0] // bs
+
+    def at(i: int, j: int) -> tuple[pl.Slice, pl.Slice]:
+        return pl.ds(i * bs, bs), pl.ds(j * bs, bs)
+
+    blocks = {}
+    for i in range(nb):
+        blocks[i, i] = _diag_inverse(a[at(i, i)])
+        for j in range(i):
+            acc = sum(_dot(a[at(i, m)], blocks[m, j]) for m in range(j, i))
+            blocks[i, j] = -_dot(blocks[i, i], acc)
+    zero = jnp.zeros((bs, bs), t.dtype)
+    for i in range(nb):
+        for j in range(nb):
+            t[at(i, j)] = blocks[i, j].astype(t.dtype) if j <= i else zero
+
+
+def _wy_kernel(t, k, v, beta, g, rel, w, u0):
+    gt = _Gates.load(beta, g, rel)
+    t_all = t[...]
+    w[...] = _dot(t_all, (gt.beta * gt.e)[:, None] * k[...].astype(F32)).astype(w.dtype)
+    u0[...] = _dot(t_all, gt.beta[:, None] * v[...].astype(F32)).astype(u0.dtype)
+
+
+def _bwd_kernel(q, k, v, beta, g, rel, t, w, u0, dqg, dp, dw, du0, dkd, *outs, scale: float):
+    dq, dk, dv, dbeta, dg = outs
+    gt = _Gates.load(beta, g, rel)
     dt = k.dtype
-    # p, qg and kd as whole-chunk tiles (p: one [L, Dk] x [Dk, L] dot instead of 16 x 16
-    # blocks); only T and its products need the 16-row blocks.
-    chunk = k.shape[0]
-    g_all, r_all, q_all, k_all = g[...].astype(F32), rel[...], q[...], k[...]
-    same = (r_all[:, None] == r_all[None, :]) & (_iota(chunk, 0) >= _iota(chunk, 1))
-    decay = _decay(same, g_all[:, None] - g_all[None, :])
-    p[...] = (scale * _dot(q_all, k_all, tb=True) * decay).astype(p.dtype)
-    e = jnp.where(r_all == 0, jnp.exp(g_all), 0.0)
-    qg[...] = (scale * e[:, None] * q_all.astype(F32)).astype(qg.dtype)
-    last = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
-    g_last, r_last = jnp.sum(jnp.where(last, g_all, 0.0)), jnp.sum(jnp.where(last, r_all, 0))
-    dl = _decay(r_all == r_last, g_last - g_all)
-    kd[...] = (dl[:, None] * k_all.astype(F32)).astype(kd.dtype)
-    for i in range(c.nb):
-        rows = pl.ds(i * bs, bs)
-        w[rows, :] = c.apply_t(i, c.y_w, dt).astype(w.dtype)
-        u0[rows, :] = c.apply_t(i, c.y_u, dt).astype(u0.dtype)
-
-
-def _bwd_kernel(q, k, v, beta, g, rel, dqg, dp, dw, du0, dkd, dq, dk, dv, dbeta, dg, *, scale, bs):
-    c = _Chunk(k, v, beta, g, rel, bs)
-    dt, nb = k.dtype, c.nb
-
-    def cot(ref):
-        return lambda i: _rows(ref, bs, i).astype(F32)
-
-    # Only dot operands: kept in the compute dtype (halves their registers on the bf16 path).
-    u0_ = [c.apply_t(i, c.y_u, dt).astype(dt) for i in range(nb)]
-    w_ = [c.apply_t(i, c.y_w, dt).astype(dt) for i in range(nb)]
-    dyu = [c.apply_tt(j, cot(du0), dt) for j in range(nb)]
-    dyw = [c.apply_tt(j, cot(dw), dt) for j in range(nb)]
-    db = [jnp.zeros((bs,), F32) for _ in range(nb)]
-    dgs = [jnp.zeros((bs,), F32) for _ in range(nb)]
-    dkk, ds = {}, {}  # cotangents of k_i k_j^T and of q_i k_j^T (scaled, masked)
-    for i in range(nb):
-        q_i = _rows(q, bs, i)
-        for j in range(i + 1):
-            da = -(_dot(dyu[i], u0_[j], tb=True, dtype=dt) + _dot(dyw[i], w_[j], tb=True, dtype=dt))
-            da = jnp.where(c.strict, da, 0.0) if i == j else da
-            dkk[i, j] = da * c.b[i][:, None] * c.d[i, j]
-            db[i] += jnp.sum(da * c.kk[i, j] * c.d[i, j], axis=1)
-            dp_ij = scale * dp[pl.ds(i * bs, bs), pl.ds(j * bs, bs)].astype(F32)
-            ds[i, j] = dp_ij * c.d[i, j]
-            qk = _dot(q_i, c.k(j), tb=True)
-            dd = (da * c.b[i][:, None] * c.kk[i, j] + dp_ij * qk) * c.d[i, j]
-            dgs[i] += jnp.sum(dd, axis=1)
-            dgs[j] -= jnp.sum(dd, axis=0)
-    dl_total = jnp.zeros((), F32)
-    for i in range(nb):
-        rows = pl.ds(i * bs, bs)
-        q_i, k_i, v_i = _rows(q, bs, i).astype(F32), c.k(i).astype(F32), c.v(i).astype(F32)
-        dqg_i, dkd_i = _rows(dqg, bs, i).astype(F32), _rows(dkd, bs, i).astype(F32)
-        kyw = jnp.sum(k_i * dyw[i], axis=1)
-        db[i] += jnp.sum(v_i * dyu[i], axis=1) + c.e[i] * kyw
-        de = c.b[i] * kyw + scale * jnp.sum(q_i * dqg_i, axis=1)
-        ddl = jnp.sum(k_i * dkd_i, axis=1) * c.dl[i]
-        dl_total += jnp.sum(ddl)
-        dgs[i] += de * c.e[i] - ddl
-        dq_i = scale * c.e[i][:, None] * dqg_i
-        dk_i = c.dl[i][:, None] * dkd_i + (c.b[i] * c.e[i])[:, None] * dyw[i]
-        for j in range(i + 1):
-            dq_i += _dot(ds[i, j], c.k(j), dtype=dt)
-            dk_i += _dot(dkk[i, j], c.k(j), dtype=dt)
-        for m in range(i, nb):
-            dk_i += _dot(dkk[m, i], c.k(m), ta=True, dtype=dt)
-            dk_i += _dot(ds[m, i], _rows(q, bs, m), ta=True, dtype=dt)
-        dq[rows, :] = dq_i.astype(dq.dtype)
-        dk[rows, :] = dk_i.astype(dk.dtype)
-        dv[rows, :] = (c.b[i][:, None] * dyu[i]).astype(dv.dtype)
-        dbeta[rows] = db[i]
-        # G_L enters every entry of D's last row: its cotangent lands on the chunk's last token.
-        dg[rows] = dgs[i] + jnp.where(c.last, dl_total, 0.0) if i == nb - 1 else dgs[i]
+    q_all, k_all, t_all = q[...], k[...], t[...]
+    q32, k32, v32 = q_all.astype(F32), k_all.astype(F32), v[...].astype(F32)
+    dqg_, dkd_ = dqg[...].astype(F32), dkd[...].astype(F32)
+    dyu = _dot(t_all, du0[...], ta=True, dtype=dt)
+    dyw = _dot(t_all, dw[...], ta=True, dtype=dt)
+    da = _dot(dyu, u0[...], tb=True, dtype=dt) + _dot(dyw, w[...], tb=True, dtype=dt)
+    da = jnp.where(_strict(k.shape[0]), -da, 0.0) * gt.decay  # dA * D
+    dkk = gt.beta[:, None] * da  # cotangent of k k^T
+    ds = scale * dp[...].astype(F32) * gt.decay  # cotangent of q k^T
+    kk, qk = _dot(k_all, k_all, tb=True), _dot(q_all, k_all, tb=True)
+    dd = dkk * kk + ds * qk  # cotangent of D, times D
+    kyw = jnp.sum(k32 * dyw, axis=1)
+    ddl = jnp.sum(k32 * dkd_, axis=1) * gt.dl
+    de = gt.beta * kyw + scale * jnp.sum(q32 * dqg_, axis=1)
+    # G_L enters every entry of D's last row: its cotangent lands on the chunk's last token.
+    dg_ = jnp.sum(dd, axis=1) - jnp.sum(dd, axis=0) + de * gt.e - ddl
+    dg[...] = dg_ + jnp.where(gt.last, jnp.sum(ddl), 0.0)
+    dbeta[...] = jnp.sum(da * kk, axis=1) + jnp.sum(v32 * dyu, axis=1) + gt.e * kyw
+    dq[...] = (scale * gt.e[:, None] * dqg_ + _dot(ds, k_all, dtype=dt)).astype(dq.dtype)
+    dk_ = gt.dl[:, None] * dkd_ + (gt.beta * gt.e)[:, None] * dyw
+    dk_ += _dot(dkk, k_all, dtype=dt) + _dot(dkk, k_all, ta=True, dtype=dt)
+    dk[...] = (dk_ + _dot(ds, q_all, ta=True, dtype=dt)).astype(dk.dtype)
+    dv[...] = (gt.beta[:, None] * dyu).astype(dv.dtype)
 
 
 class _Layout:
@@ -227,32 +190,122 @@ class _Layout:
             return pl.BlockSpec((None, self.chunk), lambda n, i: (n, i))
         return pl.BlockSpec((None, self.chunk, width), lambda n, i: (n, i, 0))
 
-    def ids(self) -> pl.BlockSpec:
-        return pl.BlockSpec((None, self.chunk), lambda n, i: (n // self.hv, i))
-
-    def inputs(self, dk: int, dv: int) -> list[pl.BlockSpec]:
-        """Specs of ``(q, k, v, beta, gcum, rel)``."""
-        return [
-            self.heads(dk, True),
-            self.heads(dk, True),
-            self.heads(dv),
-            self.gate(),
-            self.flat(),
-            self.ids(),
-        ]
+    def gates(self) -> list[pl.BlockSpec]:
+        """Specs of ``(beta, gcum, rel)``."""
+        ids = pl.BlockSpec((None, self.chunk), lambda n, i: (n // self.hv, i))
+        return [self.gate(), self.flat(), ids]
 
 
-def _call(kernel, args, in_specs, out_shape, out_specs, grid, interpret, name, num_warps):
+class PrepWarps(NamedTuple):
+    """``num_warps`` of the preparation kernels (the benchmark sweeps them)."""
+
+    kkt: int = 4
+    solve: int = 2  # H100, 8 x 4096 x 16 x 128: 2 warps 0.36 ms, 4 warps 0.40, 8 warps 0.56
+    wy: int = 4
+    bwd: int = 4  # H100, same shape: 4 warps 3.17 ms, 8 warps 4.70
+
+
+DEFAULT_WARPS = PrepWarps()
+
+
+def _call(kernel, args, in_specs, outs, grid, interpret, name, num_warps):
+    """``outs``: ``(ShapeDtypeStruct, BlockSpec)`` pairs."""
     return pl.pallas_call(
         kernel,
-        out_shape=out_shape,
+        out_shape=[o[0] for o in outs],
         grid=grid,
         in_specs=in_specs,
-        out_specs=out_specs,
+        out_specs=[o[1] for o in outs],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=name,
     )(*args)
+
+
+class _Spec:
+    """Shapes and block specs shared by the preparation kernels of one call."""
+
+    def __init__(self, q: jax.Array, v: jax.Array, chunk: int, interpret: bool):
+        b, self.t, hk, self.dk = q.shape
+        hv, self.dv = v.shape[2:]
+        check_shapes(chunk, self.dk, self.dv, interpret)
+        self.lay, self.n, self.dt = _Layout(hk, hv, chunk), b * hv, v.dtype
+        self.grid = (b * hv, self.t // chunk)
+
+    def out(self, width: int, dtype: jnp.dtype | None = None) -> tuple[jax.ShapeDtypeStruct, pl.BlockSpec]:
+        """A flat ``[N, T, width]`` output (compute dtype unless ``dtype``)."""
+        shape = jax.ShapeDtypeStruct((self.n, self.t, width), dtype or self.dt)
+        return shape, self.lay.flat(width)
+
+
+def kkt(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    gcum: jax.Array,
+    rel: jax.Array,
+    *,
+    chunk: int,
+    scale: float,
+    interpret: bool = False,
+    num_warps: int = DEFAULT_WARPS.kkt,
+) -> tuple[jax.Array, ...]:
+    """Kernel 1: ``(A, p, qg, kd)``; ``A`` strictly lower fp32, the others in v's dtype (v only
+    sets the dtype and head count). Arguments as in ``prepare_fwd``."""
+    sp = _Spec(q, v, chunk, interpret)
+    heads = sp.lay.heads(sp.dk, True)
+    return _call(
+        functools.partial(_kkt_kernel, scale=scale),
+        (q, k, beta, gcum, rel),
+        [heads, heads, *sp.lay.gates()],
+        [sp.out(chunk, F32), sp.out(chunk), sp.out(sp.dk), sp.out(sp.dk)],
+        sp.grid, interpret, "gated_delta_prepare_kkt", num_warps,
+    )  # fmt: skip
+
+
+def solve(
+    a: jax.Array,
+    *,
+    chunk: int,
+    dtype: jnp.dtype,
+    interpret: bool = False,
+    num_warps: int = DEFAULT_WARPS.solve,
+) -> jax.Array:
+    """Kernel 2: ``T = (I + A)^-1`` per chunk of ``a [N, T, L]`` (fp32), returned in ``dtype``."""
+    lay = _Layout(1, 1, chunk)
+    (t_inv,) = _call(
+        functools.partial(_solve_kernel, bs=min(chunk, _MAX_BLOCK)),
+        (a,),
+        [lay.flat(chunk)],
+        [(jax.ShapeDtypeStruct(a.shape, dtype), lay.flat(chunk))],
+        (a.shape[0], a.shape[1] // chunk), interpret, "gated_delta_prepare_solve", num_warps,
+    )  # fmt: skip
+    return t_inv
+
+
+def wy(
+    t_inv: jax.Array,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    gcum: jax.Array,
+    rel: jax.Array,
+    *,
+    chunk: int,
+    interpret: bool = False,
+    num_warps: int = DEFAULT_WARPS.wy,
+) -> tuple[jax.Array, ...]:
+    """Kernel 3: ``(w, u0)`` in v's dtype from ``T`` (q only sets the head counts)."""
+    sp = _Spec(q, v, chunk, interpret)
+    return _call(
+        _wy_kernel,
+        (t_inv, k, v, beta, gcum, rel),
+        [sp.lay.flat(chunk), sp.lay.heads(sp.dk, True), sp.lay.heads(sp.dv), *sp.lay.gates()],
+        [sp.out(sp.dk), sp.out(sp.dv)],
+        sp.grid, interpret, "gated_delta_prepare_wy", num_warps,
+    )  # fmt: skip
 
 
 def prepare_fwd(
@@ -266,59 +319,54 @@ def prepare_fwd(
     chunk: int,
     scale: float,
     interpret: bool = False,
-    num_warps: int = 4,
+    warps: PrepWarps = DEFAULT_WARPS,
 ) -> tuple[jax.Array, ...]:
-    """``(qg, p, w, u0, kd)`` of ``reference.chunk_tensors`` in v's dtype.
+    """``(qg, p, w, u0, kd)`` of ``reference.chunk_tensors`` in v's dtype, then ``T = (I + A)^-1``.
 
     q, k: ``[B, T, Hk, Dk]``; v: ``[B, T, Hv, Dv]``; beta: ``[B, T, Hv]`` fp32; gcum
     (``chunk_log_decays``): ``[B * Hv, T]`` fp32; rel (``chunk_ids``): ``[B, T]`` int32.
-    Returns flat ``[B * Hv, T, width]`` tensors (p: rows of chunk i hold its ``[L, L]``).
+    Returns flat ``[B * Hv, T, width]`` tensors (p, T: rows of chunk i hold its ``[L, L]``).
     """
-    b, t, hk, dk = q.shape
-    hv, dv = v.shape[2:]
-    check_shapes(chunk, dk, dv, interpret)
-    lay = _Layout(hk, hv, chunk)
-    widths = (dk, chunk, dk, dv, dk)
-    return tuple(
-        _call(
-            functools.partial(_fwd_kernel, scale=scale, bs=min(chunk, _MAX_BLOCK)),
-            (q, k, v, beta, gcum, rel),
-            lay.inputs(dk, dv),
-            [jax.ShapeDtypeStruct((b * hv, t, wd), v.dtype) for wd in widths],
-            [lay.flat(wd) for wd in widths],
-            (b * hv, t // chunk),
-            interpret,
-            "gated_delta_prepare_fwd",
-            num_warps,
-        )
-    )
+    inputs = (q, k, v, beta, gcum, rel)
+    kw = dict(chunk=chunk, interpret=interpret)
+    a, p, qg, kd = kkt(*inputs, scale=scale, num_warps=warps.kkt, **kw)
+    t_inv = solve(a, dtype=v.dtype, num_warps=warps.solve, **kw)
+    w, u0 = wy(t_inv, *inputs, num_warps=warps.wy, **kw)
+    return qg, p, w, u0, kd, t_inv
 
 
 def prepare_bwd(
     inputs: tuple[jax.Array, ...],
+    residuals: tuple[jax.Array, ...],
     cotangents: tuple[jax.Array, ...],
     *,
     chunk: int,
     scale: float,
     interpret: bool = False,
-    num_warps: int = 8,  # the backward keeps about twice the live blocks of the forward
+    num_warps: int = DEFAULT_WARPS.bwd,
 ) -> tuple[jax.Array, ...]:
-    """Cotangents of ``prepare_fwd`` at ``inputs`` ``(q, k, v, beta, gcum, rel)`` for output
-    cotangents ``(dqg, dp, dw, du0, dkd)``: ``(dq, dk)`` per value head ``[B, T, Hv, Dk]``
-    (sum over the value heads of a key head for GQA), ``dv``, ``dbeta``, ``dgcum`` (all fp32)."""
-    q, k, v, beta, gcum, rel = inputs
+    """Cotangents of ``prepare_fwd`` at ``inputs`` ``(q, k, v, beta, gcum, rel)`` with its
+    ``residuals`` ``(T, w, u0)`` for output cotangents ``(dqg, dp, dw, du0, dkd)``: ``(dq, dk)``
+    per value head ``[B, T, Hv, Dk]`` (sum over the value heads of a key head for GQA), ``dv``,
+    ``dbeta``, ``dgcum`` (all fp32)."""
+    q, k, v, *gates = inputs
     b, t, hk, dk = q.shape
     hv, dv = v.shape[2:]
     lay = _Layout(hk, hv, chunk)
     out_lay = _Layout(hv, hv, chunk)  # per value head
+    flat = [lay.flat(wd) for wd in (chunk, dk, dv, dk, chunk, dk, dv, dk)]
     return tuple(
         _call(
-            functools.partial(_bwd_kernel, scale=scale, bs=min(chunk, _MAX_BLOCK)),
-            (*inputs, *cotangents),
-            lay.inputs(dk, dv) + [lay.flat(wd) for wd in (dk, chunk, dk, dv, dk)],
-            [jax.ShapeDtypeStruct((b, t, hv, wd), F32) for wd in (dk, dk, dv)]
-            + [jax.ShapeDtypeStruct((b, t, hv), F32), jax.ShapeDtypeStruct((b * hv, t), F32)],
-            [out_lay.heads(dk), out_lay.heads(dk), out_lay.heads(dv), out_lay.gate(), out_lay.flat()],
+            functools.partial(_bwd_kernel, scale=scale),
+            (q, k, v, *gates, *residuals, *cotangents),
+            [lay.heads(dk, True), lay.heads(dk, True), lay.heads(dv), *lay.gates(), *flat],
+            [
+                (jax.ShapeDtypeStruct((b, t, hv, dk), F32), out_lay.heads(dk)),
+                (jax.ShapeDtypeStruct((b, t, hv, dk), F32), out_lay.heads(dk)),
+                (jax.ShapeDtypeStruct((b, t, hv, dv), F32), out_lay.heads(dv)),
+                (jax.ShapeDtypeStruct((b, t, hv), F32), out_lay.gate()),
+                (jax.ShapeDtypeStruct((b * hv, t), F32), out_lay.flat()),
+            ],
             (b * hv, t // chunk),
             interpret,
             "gated_delta_prepare_bwd",

@@ -98,8 +98,9 @@ def test_fused_preparation_and_vjp_match_reference():
 
 def test_gpu_kernels_lower_to_triton():
     """The GPU path lowers for CUDA on this CPU-only machine (Pallas -> Triton IR for every kernel:
-    preparation and scan, forward and backward) at the benchmark's chunk 64 / D 128 / bf16 tiles.
-    Triton's own compilation to PTX needs the device (``benchmarks/gated_delta.py --check``)."""
+    the three preparation kernels, the scan forward and backward, the preparation backward) at
+    the benchmark's chunk 64 / D 128 / bf16 tiles. Triton's own compilation to PTX needs the
+    device (``benchmarks/gated_delta.py --check``)."""
     b, t, hk, hv, d = 1, 128, 1, 2, 128
     bf16 = jnp.bfloat16
     q = jnp.ones((b, t, hk, d), bf16)
@@ -113,7 +114,9 @@ def test_gpu_kernels_lower_to_triton():
     lowered = jax.jit(jax.grad(loss, argnums=range(5))).trace(q, q, v, g, beta)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     names = (
-        "gated_delta_prepare_fwd",
+        "gated_delta_prepare_kkt",
+        "gated_delta_prepare_solve",
+        "gated_delta_prepare_wy",
         "gated_delta_scan_fwd",
         "gated_delta_scan_bwd",
         "gated_delta_prepare_bwd",
