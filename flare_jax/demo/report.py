@@ -23,14 +23,17 @@ class ResultRow:
 
 
 def print_table(rows: Sequence[ResultRow]) -> None:
-    """The results table (accuracy in percent)."""
-    print(f"  {'model':<6} {'mode':<16} {'exact match':>11} {'tok/fwd':>8} {'tok/s':>7} "
-          f"{'same as AR':>10} {'held-out AR loss':>16}")
+    """The results table (accuracy in percent), its first two columns as wide as their longest
+    entry."""
+    model_w = max([len("model"), *(len(r.model) for r in rows)])
+    mode_w = max([len("mode"), *(len(r.mode) for r in rows)])
+    print(f"  {'model':<{model_w}} {'mode':<{mode_w}} {'exact match':>11} {'tok/fwd':>8} "
+          f"{'tok/s':>7} {'same as AR':>10} {'held-out AR loss':>16}")
     for r in rows:
         same = "" if r.same_as_ar is None else f"{100 * r.same_as_ar:.0f}%"
         nll = "" if r.heldout_nll is None else f"{r.heldout_nll:.4f}"
-        print(f"  {r.model:<6} {r.mode:<16} {100 * r.accuracy:>10.1f}% {r.tokens_per_forward:>8.2f} "
-              f"{r.tokens_per_second:>7.0f} {same:>10} {nll:>16}")
+        print(f"  {r.model:<{model_w}} {r.mode:<{mode_w}} {100 * r.accuracy:>10.1f}% "
+              f"{r.tokens_per_forward:>8.2f} {r.tokens_per_second:>7.0f} {same:>10} {nll:>16}")
 
 
 def plot_losses(seed_history: Sequence[dict[str, Any]], flare_history: Sequence[dict[str, Any]],

@@ -33,7 +33,12 @@ from flare_jax.train.checkpointing import Checkpointer, abstract_like
 from flare_jax.train.mesh import make_mesh
 from flare_jax.train.metrics import MetricsLogger, peak_flops, train_flops_per_row
 from flare_jax.train.optimizer import make_optimizer
-from flare_jax.train.sharding import batch_divisor, global_batch, param_shardings
+from flare_jax.train.sharding import (
+    batch_divisor,
+    global_batch,
+    param_shardings,
+    process_batch_slice,
+)
 from flare_jax.train.step import (
     ModelBinder,
     StepConfig,
@@ -115,7 +120,10 @@ def train(cfg: ml_collections.ConfigDict, stop_after: int | None = None) -> Trai
     tokenizer_dir = Path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else init_from
     tokenize = DocumentTokenizer.from_dir(str(tokenizer_dir))
     pad_id = model_config.pad_token_id if model_config.pad_token_id is not None else 0
-    dataset = build_dataset(train_config.data_config(cfg, jax.process_count(), pad_id), tokenize)
+    # processes that hold the same batch rows (e.g. a tensor axis across them) read the same data
+    data_slice, data_slices = process_batch_slice(mesh)
+    dataset = build_dataset(train_config.data_config(cfg, data_slices, pad_id), tokenize,
+                            process_index=data_slice, process_count=data_slices)
     iterator = iter(dataset)
 
     o = cfg.optimizer

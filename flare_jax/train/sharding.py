@@ -128,12 +128,34 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def process_batch_slice(mesh: Mesh, process: int | None = None) -> tuple[int, int]:
+    """``(index, count)``: the global batch is ``count`` equal slices of rows, one per group of
+    processes whose devices hold the same rows, and ``process`` (this one by default) holds slice
+    ``index``. Without axes spanning processes besides the batch ones, ``count`` is the process
+    count; a tensor axis across two processes, for example, makes them share a slice."""
+    process = jax.process_index() if process is None else process
+    axes = [a for a in LOGICAL_TO_MESH["batch"] if a in mesh.shape]
+    names = list(mesh.axis_names)
+    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    grid = np.moveaxis(np.asarray(mesh.devices), [names.index(a) for a in axes],
+                       list(range(len(axes)))).reshape(shards, -1)
+    held = [s for s in range(shards) if any(d.process_index == process for d in grid[s])]
+    width = len(held)
+    if not held or held != list(range(held[0], held[0] + width)) or held[0] % width \
+            or shards % width:
+        raise ValueError(f"mesh {dict(mesh.shape)}: process {process} holds batch shards {held} "
+                         f"of {shards}; expected an aligned contiguous range (order the mesh's "
+                         "devices by process)")
+    return held[0] // width, shards // width
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assemble each process's rows ``[B_local, L]`` into global ``[B, L]`` arrays sharded over
-    the batch axes (rows ordered by process)."""
+    """Assemble each process's rows ``[B_local, L]`` (its :func:`process_batch_slice`) into
+    global ``[B, L]`` arrays sharded over the batch axes."""
+    _, count = process_batch_slice(mesh)
     out = {}
     for key, value in local.items():
-        global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+        global_shape = (value.shape[0] * count, *value.shape[1:])
         out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh), value,
                                                           global_shape)
     return out

@@ -1,12 +1,13 @@
 """The train step on one CPU device: AR-only FLARE training is plain causal LM training; the
 sharding rules cover every parameter of the real shapes; schedule and FLOP counting."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 from workers import TINY_CONFIG
 
 from flare_jax.checkpoint import flatten
@@ -16,7 +17,7 @@ from flare_jax.train import load_config_file
 from flare_jax.train.mesh import mesh_shape
 from flare_jax.train.metrics import train_flops_per_row, visible_pairs
 from flare_jax.train.optimizer import learning_rate_schedule
-from flare_jax.train.sharding import logical_spec, param_logical_axes
+from flare_jax.train.sharding import logical_spec, param_logical_axes, process_batch_slice
 from flare_jax.train.step import (
     abstract_params,
 )
@@ -86,3 +87,36 @@ def test_flare_flops_cover_both_streams():
     flare = train_flops_per_row(config, 4096, 32, flare=True)
     causal = train_flops_per_row(config, 4096, 32, flare=False)
     assert 2.0 <= flare / causal < 2.1
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeDevice:
+    id: int
+    process_index: int
+
+
+def _fake_mesh(shape: tuple[int, int, int], devices_per_process: int) -> Mesh:
+    devices = np.empty(int(np.prod(shape)), dtype=object)
+    for i in range(devices.size):
+        devices[i] = _FakeDevice(i, i // devices_per_process)
+    return Mesh(devices.reshape(shape), ("data", "fsdp", "tensor"))
+
+
+@pytest.mark.parametrize("shape, per_process, slices", [
+    ((2, 4, 1), 2, [(0, 4), (1, 4), (2, 4), (3, 4)]),  # batch axes span the processes
+    ((1, 2, 4), 2, [(0, 2), (0, 2), (1, 2), (1, 2)]),  # tensor pairs of processes share rows
+    ((1, 1, 8), 2, [(0, 1)] * 4),  # pure tensor parallelism: every process holds every row
+    ((1, 8, 1), 8, [(0, 1)]),  # one process
+])
+def test_process_batch_slice(shape, per_process, slices):
+    mesh = _fake_mesh(shape, per_process)
+    assert [process_batch_slice(mesh, p) for p in range(len(slices))] == slices
+
+
+def test_process_batch_slice_rejects_interleaved_processes():
+    # devices of process 0 and 1 alternate along fsdp: process 0 holds batch shards 0 and 2
+    mesh = _fake_mesh((1, 4, 1), 1)
+    devices = mesh.devices.copy()
+    devices[0, :, 0] = [_FakeDevice(i, i % 2) for i in range(4)]
+    with pytest.raises(ValueError, match=r"holds batch shards \[0, 2\] of 4"):
+        process_batch_slice(Mesh(devices, mesh.axis_names), 0)
