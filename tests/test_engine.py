@@ -1,5 +1,6 @@
 """The batched engine: slots refilled from a queue give each request exactly what a lone static
-batch gives it; tokens stream; stop strings and budgets end requests; chat prompts render."""
+batch gives it (AR, verified, and diffusion, whose carried first denoising step a refill drops);
+tokens stream; stop strings and budgets end requests; chat prompts render."""
 
 from __future__ import annotations
 
@@ -27,20 +28,23 @@ def sampler(hf_checkpoint, tmp_path_factory):
     return flare_jax.Sampler(model, tokenizer, chat_template=chatml)
 
 
-@pytest.mark.parametrize("mode", ["ar", "verified"])
+@pytest.mark.parametrize("mode", ["ar", "verified", "diffusion"])
 def test_refilled_slots_equal_lone_requests(sampler, mode):
     rng = np.random.default_rng(5)
     requests = [(rng.integers(5, 96, size=n).tolist(), budget)
                 for n, budget in [(3, 9), (20, 4), (7, 15), (12, 6), (2, 11), (9, 3), (5, 8)]]
-    engine = flare_jax.Engine(sampler, num_slots=3, max_length=64, mode=mode, block_size=4,
-                              threshold=0.5, stop_token_ids=[])
+    settings = dict(block_size=4, threshold=0.5)
+    engine = flare_jax.Engine(sampler, num_slots=3, max_length=64, mode=mode, stop_token_ids=[],
+                              **settings)
     ids = [engine.submit(prompt, max_new_tokens=budget) for prompt, budget in requests]
     streamed: dict[int, list[int]] = {i: [] for i in ids}
     results = engine.run(on_tokens=lambda rid, toks: streamed[rid].extend(toks))
     longest = max(budget for _, budget in requests)
     for rid, (prompt, budget) in zip(ids, requests, strict=True):
-        # greedy AR alone with the largest budget (one compile), cut to this request's budget
-        alone = sampler.generate([prompt], mode="ar", max_new_tokens=longest, stop_token_ids=[])[0]
+        # alone with the largest budget (one compile), cut to this request's budget; verified
+        # greedy equals AR greedy
+        alone = sampler.generate([prompt], mode="diffusion" if mode == "diffusion" else "ar",
+                                 max_new_tokens=longest, stop_token_ids=[], **settings)[0]
         assert results[rid].tokens == alone.tokens[:budget]
         assert streamed[rid] == results[rid].tokens
         assert results[rid].finish_reason == "length"

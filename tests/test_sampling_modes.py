@@ -1,10 +1,13 @@
 """Verified and diffusion decoding on tiny random models (fp32): verified greedy equals AR greedy
-token for token; diffusion step counts follow the schedule; cache rollback is exact."""
+token for token; fused diffusion equals denoising then appending each block, one pass cheaper per
+block; diffusion step counts follow the schedule; cache rollback is exact."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +15,10 @@ from flax import nnx
 
 import flare_jax
 from flare_jax.model.cache import init_cache
+from flare_jax.sampling.batch import PromptBatch
+from flare_jax.sampling.denoising import DenoiseSchedule, denoise_block
+from flare_jax.sampling.prefill import prefill
+from flare_jax.sampling.token_selection import SamplingParams
 from pallas_kernels.block_attention.mask import EMPTY_SEGMENT
 
 MASK_ID = 2
@@ -58,20 +65,71 @@ def test_verified_counts_forward_passes(samplers):
     assert 1 + 2 * 4 <= result.forward_passes <= 1 + 2 * 16
 
 
-@pytest.mark.parametrize("kwargs, passes_per_block", [
-    (dict(steps_per_block=2), 3),      # fixed steps: 2 denoise passes + 1 causal commit
-    (dict(threshold=0.0), 2),          # everything passes the threshold at once
-    (dict(threshold=0.0, sub_blocks=2), 3),  # but two sub-blocks take two passes
-    (dict(threshold=1.0), 9),          # nothing passes: one token per pass, 8 passes
+@pytest.mark.parametrize("kwargs, steps", [
+    (dict(steps_per_block=2), 2),      # fixed steps
+    (dict(threshold=0.0), 1),          # everything passes the threshold at once
+    (dict(threshold=0.0, sub_blocks=2), 2),  # but two sub-blocks take two steps
+    (dict(threshold=1.0), 8),          # nothing passes: one token per step
 ])
-def test_diffusion_schedule_sets_passes(samplers, kwargs, passes_per_block):
+def test_diffusion_schedule_sets_passes(samplers, kwargs, steps):
+    """Prefill, then per block its denoising steps, the commit pass making the next block's first
+    step: 1 + (steps + 1) + (blocks - 1) * steps passes."""
     sampler = samplers[0]
     results = sampler.generate(prompts(2), mode="diffusion", max_new_tokens=16, block_size=8,
                                stop_token_ids=[], **kwargs)
     for result in results:
         assert len(result.tokens) == 16
         assert MASK_ID not in result.tokens
-        assert result.forward_passes == 1 + 2 * passes_per_block
+        assert result.forward_passes == 2 + 2 * steps
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "blocks", "cache_length"))
+def denoise_then_append(graphdef, state, batch_arrays, threshold, *, schedule, blocks,
+                        cache_length):
+    """Unfused reference: each block is denoised against the committed cache, then appended by a
+    causal pass. Returns the new tokens ``[B, blocks * bs]`` and the forward passes per row."""
+    model = nnx.merge(graphdef, state)
+    tokens, segment_ids, positions, lengths = batch_arrays
+    last_logits, cache = prefill(model, tokens, segment_ids, positions, cache_length)
+    size = schedule.block_size
+
+    def block(carry, _):
+        cache, last_logits, start = carry
+        where = start[:, None] + jnp.arange(size)[None, :]
+        masks = jnp.full((len(start), size), MASK_ID, jnp.int32)
+        filled, steps = denoise_block(model, cache, masks, masks == MASK_ID, where, last_logits,
+                                      threshold, schedule, SamplingParams(), jax.random.key(0))
+        logits, cache = model(filled, jnp.ones_like(filled), where, cache)
+        return (cache, logits[:, -1], start + size), (filled, steps + 1)
+
+    _, (out, passes) = jax.lax.scan(block, (cache, last_logits, lengths), None, length=blocks)
+    return jnp.concatenate(list(out), axis=1), 1 + passes.sum(0)
+
+
+@pytest.mark.parametrize("which, schedule, threshold", [
+    (0, DenoiseSchedule(4, steps_per_block=2), 0.0),
+    (1, DenoiseSchedule(4, logit_shift=True), 0.04),
+])
+def test_fused_diffusion_equals_denoise_then_append(samplers, which, schedule, threshold):
+    """Greedy, batched prompts of different lengths: the same tokens as the unfused reference, and
+    one forward pass fewer for every block after the first."""
+    sampler, blocks = samplers[which], 3
+    batch = prompts(10 + which)
+    fused = sampler.generate(batch, mode="diffusion", max_new_tokens=blocks * 4,
+                             block_size=4, steps_per_block=schedule.steps_per_block,
+                             logit_shift=schedule.logit_shift, threshold=threshold,
+                             stop_token_ids=[])
+    padded = PromptBatch.left_padded(batch, pad_id=0, multiple=16)
+    arrays = tuple(jnp.asarray(x) for x in (padded.tokens, padded.segment_ids, padded.positions,
+                                            padded.lengths))
+    tokens, passes = denoise_then_append(sampler.graphdef, sampler.state, arrays,
+                                         jnp.float32(threshold), schedule=schedule,
+                                         blocks=blocks, cache_length=64)
+    for row, result in enumerate(fused):
+        assert result.tokens == np.asarray(tokens[row]).tolist()
+        assert result.forward_passes == int(passes[row]) - (blocks - 1)
+    if not schedule.steps_per_block:  # between 1 and 4 steps a block: the threshold decided
+        assert all(1 + 2 * blocks < int(p) < 1 + 5 * blocks for p in passes)
 
 
 def test_diffusion_stops_at_eos_and_max_tokens(samplers):

@@ -4,6 +4,7 @@ decoding): repeat ``denoise`` and commit masked positions whose confidence passe
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,45 +42,80 @@ class DenoiseSchedule:
                              f"({self.block_size})")
 
 
-def denoise_block(model: HybridLM, cache: DecodeCache, tokens: jax.Array, masked: jax.Array,
-                  positions: jax.Array, before_logits: jax.Array, threshold: jax.Array,
-                  schedule: DenoiseSchedule, params: SamplingParams, rng: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
-    """Fill the masked positions of ``tokens [B, bs]`` (``masked`` bool ``[B, bs]``).
+class Draft(NamedTuple):
+    """The first denoising step of a block, computed ahead by the pass that committed the block
+    before it: ``tokens``/``confidence [B, bs]`` (the chosen token and its probability at every
+    position) and ``valid [B]`` (rows without one start their block from scratch)."""
 
-    ``before_logits [B, V]``: causal logits of the token before the block (read with
-    ``logit_shift``). Returns the filled tokens and the number of denoise passes each row used.
-    """
-    batch, size = tokens.shape
+    tokens: jax.Array
+    confidence: jax.Array
+    valid: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, size: int) -> Draft:
+        return cls(jnp.zeros((batch, size), jnp.int32), jnp.zeros((batch, size), jnp.float32),
+                   jnp.zeros((batch,), bool))
+
+
+def propose(logits: jax.Array, before_logits: jax.Array, schedule: DenoiseSchedule,
+            params: SamplingParams, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Chosen token and its probability at every position of a block from its denoise logits
+    ``[B, bs, V]`` (``before_logits [B, V]``: causal logits of the token before the block, read
+    with ``logit_shift``)."""
+    if schedule.logit_shift:
+        logits = jnp.concatenate([before_logits[:, None], logits[:, :-1]], axis=1)
+    logits = logits.astype(jnp.float32)
+    choice = select_tokens(logits, params, rng)
+    chosen = jnp.take_along_axis(logits, choice[..., None], axis=-1)[..., 0]
+    return choice, jnp.exp(chosen - jax.nn.logsumexp(logits, axis=-1))
+
+
+def _commit(tokens: jax.Array, masked: jax.Array, choice: jax.Array, confidence: jax.Array,
+            threshold: jax.Array, schedule: DenoiseSchedule) -> tuple[jax.Array, jax.Array]:
+    """One unmasking step: commit the schedule's share of masked positions to ``choice``."""
+    size = tokens.shape[1]
     piece = size // schedule.sub_blocks
     per_step = -(-piece // schedule.steps_per_block) if schedule.steps_per_block else 0
     sub_block = jnp.arange(size) // piece
+    # Candidates: masked positions of each row's first sub-block that still has masks.
+    current = jnp.min(jnp.where(masked, sub_block, schedule.sub_blocks), axis=1, keepdims=True)
+    candidate = masked & (sub_block == current)
+    score = jnp.where(candidate, confidence, -1.0)
+    rank = jnp.argsort(jnp.argsort(-score, axis=1), axis=1)
+    if per_step:
+        commit = candidate & (rank < per_step)
+    else:
+        commit = candidate & ((confidence >= threshold) | (rank == 0))
+    return jnp.where(commit, choice, tokens), masked & ~commit
+
+
+def denoise_block(model: HybridLM, cache: DecodeCache, tokens: jax.Array, masked: jax.Array,
+                  positions: jax.Array, before_logits: jax.Array, threshold: jax.Array,
+                  schedule: DenoiseSchedule, params: SamplingParams, rng: jax.Array,
+                  first: Draft | None = None) -> tuple[jax.Array, jax.Array]:
+    """Fill the masked positions of ``tokens [B, bs]`` (``masked`` bool ``[B, bs]``).
+
+    ``before_logits [B, V]``: causal logits of the token before the block (read with
+    ``logit_shift``). ``first``: the block's first step where already computed (it costs no
+    pass here). Returns the filled tokens and the number of denoise passes each row used.
+    """
+    if first is not None:
+        ahead = masked & first.valid[:, None]
+        filled, left = _commit(tokens, ahead, first.tokens, first.confidence, threshold, schedule)
+        tokens, masked = filled, jnp.where(first.valid[:, None], left, masked)
 
     def cond(carry):
         return jnp.any(carry[1])
 
     def body(carry):
         tokens, masked, steps, rng = carry
-        logits = model.denoise(tokens, cache, positions)
-        if schedule.logit_shift:
-            logits = jnp.concatenate([before_logits[:, None], logits[:, :-1]], axis=1)
         rng, step_rng = jax.random.split(rng)
-        choice = select_tokens(logits, params, step_rng)
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        confidence = jnp.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
-        # Candidates: masked positions of each row's first sub-block that still has masks.
-        current = jnp.min(jnp.where(masked, sub_block, schedule.sub_blocks), axis=1, keepdims=True)
-        candidate = masked & (sub_block == current)
-        score = jnp.where(candidate, confidence, -1.0)
-        rank = jnp.argsort(jnp.argsort(-score, axis=1), axis=1)
-        if per_step:
-            commit = candidate & (rank < per_step)
-        else:
-            commit = candidate & ((confidence >= threshold) | (rank == 0))
+        choice, confidence = propose(model.denoise(tokens, cache, positions), before_logits,
+                                     schedule, params, step_rng)
         active = jnp.any(masked, axis=1)
-        return (jnp.where(commit, choice, tokens), masked & ~commit,
-                steps + active.astype(jnp.int32), rng)
+        tokens, masked = _commit(tokens, masked, choice, confidence, threshold, schedule)
+        return tokens, masked, steps + active.astype(jnp.int32), rng
 
-    steps = jnp.zeros((batch,), jnp.int32)
+    steps = jnp.zeros((tokens.shape[0],), jnp.int32)
     tokens, _, steps, _ = jax.lax.while_loop(cond, body, (tokens, masked, steps, rng))
     return tokens, steps

@@ -17,6 +17,7 @@ from flax import nnx
 
 from flare_jax.model.cache import DecodeCache, init_cache
 from flare_jax.sampling.batch import PromptBatch, bucket
+from flare_jax.sampling.denoising import Draft
 from flare_jax.sampling.prefill import prefill
 from flare_jax.sampling.rounds import DecodeSettings, Round, decode_round
 from flare_jax.sampling.sampler import LENGTH_BUCKET, GenerationResult, Sampler
@@ -35,24 +36,27 @@ class _Request:
     started: float = 0.0
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length"), donate_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length"),
+                   donate_argnums=(2, 3, 4))
 def _prefill_slot(graphdef: nnx.GraphDef, state: nnx.State, cache: DecodeCache,
-                  last_logits: jax.Array, slot: jax.Array, tokens: jax.Array,
+                  last_logits: jax.Array, draft: Draft, slot: jax.Array, tokens: jax.Array,
                   segment_ids: jax.Array, positions: jax.Array, *, cache_length: int
-                  ) -> tuple[DecodeCache, jax.Array]:
-    """Prefill one prompt ``[1, P]`` into a fresh row and place it at ``slot`` of the batch."""
+                  ) -> tuple[DecodeCache, jax.Array, Draft]:
+    """Prefill one prompt ``[1, P]`` into a fresh row and place it at ``slot`` of the batch (the
+    slot's old draft is dropped)."""
     logits, row = prefill(nnx.merge(graphdef, state), tokens, segment_ids, positions, cache_length)
     place = functools.partial(jax.lax.dynamic_update_index_in_dim, index=slot, axis=0)
     cache = jax.tree.map(lambda full, one: place(full, one[0]), cache, row)
-    return cache, place(last_logits, logits[0])
+    return (cache, place(last_logits, logits[0]),
+            draft._replace(valid=draft.valid.at[slot].set(False)))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "settings"), donate_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings"), donate_argnums=(2, 3, 4))
 def _round(graphdef: nnx.GraphDef, state: nnx.State, cache: DecodeCache, last_logits: jax.Array,
-           next_position: jax.Array, active: jax.Array, threshold: jax.Array, rng: jax.Array, *,
-           settings: DecodeSettings) -> Round:
-    return decode_round(nnx.merge(graphdef, state), cache, last_logits, next_position, active,
-                        threshold, rng, settings)
+           draft: Draft, next_position: jax.Array, active: jax.Array, threshold: jax.Array,
+           rng: jax.Array, *, settings: DecodeSettings) -> Round:
+    return decode_round(nnx.merge(graphdef, state), cache, last_logits, draft, next_position,
+                        active, threshold, rng, settings)
 
 
 class Engine:
@@ -90,7 +94,8 @@ class Engine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if stop and self.sampler.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
-        need = bucket(len(tokens), LENGTH_BUCKET) + max_new_tokens + self.settings.tokens_per_round
+        need = (bucket(len(tokens), LENGTH_BUCKET) + max_new_tokens
+                + self.settings.slots_per_round)
         if need > self.max_length:
             raise ValueError(f"prompt ({len(tokens)} tokens) + max_new_tokens ({max_new_tokens}) "
                              f"needs {need} cache slots; the engine's max_length is "
@@ -107,6 +112,7 @@ class Engine:
         config = sampler.model.config
         cache = init_cache(config, slots, self.max_length, sampler.model.module.dtype)
         last_logits = jnp.zeros((slots, config.vocab_size), jnp.float32)
+        draft = Draft.empty(slots, self.settings.tokens_per_round)
         running: list[_Request | None] = [None] * slots
         next_position = np.zeros(slots, np.int32)
         results: dict[int, GenerationResult] = {}
@@ -117,17 +123,17 @@ class Engine:
                     request.started = time.perf_counter()
                     batch = PromptBatch.left_padded([request.prompt], pad_id=config.pad_token_id or 0,
                                                     multiple=LENGTH_BUCKET)
-                    cache, last_logits = _prefill_slot(
-                        graphdef, state, cache, last_logits, jnp.int32(slot),
+                    cache, last_logits, draft = _prefill_slot(
+                        graphdef, state, cache, last_logits, draft, jnp.int32(slot),
                         jnp.asarray(batch.tokens), jnp.asarray(batch.segment_ids),
                         jnp.asarray(batch.positions), cache_length=self.max_length)
                     next_position[slot] = len(request.prompt)
                     running[slot] = request
             active = np.array([r is not None for r in running])
             self._rng, round_rng = jax.random.split(self._rng)
-            step = _round(graphdef, state, cache, last_logits, jnp.asarray(next_position),
+            step = _round(graphdef, state, cache, last_logits, draft, jnp.asarray(next_position),
                           jnp.asarray(active), self.threshold, round_rng, settings=self.settings)
-            cache, last_logits = step.cache, step.last_logits
+            cache, last_logits, draft = step.cache, step.last_logits, step.draft
             tokens, count, passes = (np.asarray(x) for x in (step.tokens, step.count, step.passes))
             for slot, request in enumerate(running):
                 if request is None:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flare_jax.model.cache import write_rows
+from flare_jax.sampling.denoising import Draft
 from flare_jax.sampling.prefill import first_eos, prefill
 from flare_jax.sampling.rounds import DecodeSettings, decode_round
 
@@ -28,12 +29,12 @@ def generate_batch(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
     last_logits, cache = prefill(model, tokens, segment_ids, positions, cache_length)
 
     def cond(carry):
-        return ~jnp.all(carry[3])
+        return ~jnp.all(carry[4])
 
     def body(carry):
-        cache, last_logits, out, done, num_new, passes, rng = carry
+        cache, last_logits, draft, out, done, num_new, passes, rng = carry
         rng, round_rng = jax.random.split(rng)
-        step = decode_round(model, cache, last_logits, lengths + num_new, ~done, threshold,
+        step = decode_round(model, cache, last_logits, draft, lengths + num_new, ~done, threshold,
                             round_rng, settings)
         found, keep = first_eos(step.tokens, stop_ids,
                                 jnp.minimum(step.count, max_new_tokens - num_new))
@@ -41,10 +42,11 @@ def generate_batch(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
         passes = jnp.where(done, passes, passes + step.passes)
         num_new = jnp.where(done, num_new, num_new + keep)
         done = done | found | (num_new >= max_new_tokens)
-        return step.cache, step.last_logits, out, done, num_new, passes, rng
+        return step.cache, step.last_logits, step.draft, out, done, num_new, passes, rng
 
     out = jnp.zeros((batch, max_new_tokens + settings.tokens_per_round), jnp.int32)
     zeros = jnp.zeros((batch,), jnp.int32)
-    carry = (cache, last_logits, out, jnp.zeros((batch,), bool), zeros, zeros + 1, rng)
-    _, _, out, _, num_new, passes, _ = jax.lax.while_loop(cond, body, carry)
+    draft = Draft.empty(batch, settings.tokens_per_round)
+    carry = (cache, last_logits, draft, out, jnp.zeros((batch,), bool), zeros, zeros + 1, rng)
+    _, _, _, out, _, num_new, passes, _ = jax.lax.while_loop(cond, body, carry)
     return out, num_new, passes

@@ -1,9 +1,16 @@
 """One decoding round per mode, over every row of a batch of independent requests.
 
-A round reads the cache and ``last_logits`` (the causal prediction of each row's next token) and
-returns up to ``R`` new tokens per row: AR one token, diffusion one block, verified one checked
-draft. Every mode keeps the same state, so one loop (static batches) and one engine (slots
-refilled from a queue) drive all three.
+A round reads the cache, ``last_logits`` (the causal prediction of each row's next token) and a
+:class:`Draft` (diffusion: the first denoising step of the next block) and returns up to ``R`` new
+tokens per row: AR one token, diffusion one block, verified one checked draft. Every mode keeps
+the same state, so one loop (static batches) and one engine (slots refilled from a queue) drive
+all three.
+
+Diffusion fuses each block's causal commit with the first denoising step of the next block: one
+pass over ``[block k clean ; block k + 1 all masks]`` (:meth:`HybridLM.append_then_denoise`), so a
+block of ``s`` denoising steps costs ``s`` passes, not ``s + 1`` (the first block of a request,
+which has no draft yet, costs ``s + 1``). The tokens are those of denoising each block against the
+committed cache and then appending it.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import jax.numpy as jnp
 from flare_jax.model.cache import DecodeCache
 from flare_jax.model.hybrid import HybridLM
 from flare_jax.sampling.batch import PROMPT_SEGMENT
-from flare_jax.sampling.denoising import DenoiseSchedule, denoise_block
+from flare_jax.sampling.denoising import DenoiseSchedule, Draft, denoise_block, propose
 from flare_jax.sampling.token_selection import SamplingParams, select_tokens
 
 MODES = ("ar", "verified", "diffusion")
@@ -43,16 +50,23 @@ class DecodeSettings:
     def tokens_per_round(self) -> int:
         return 1 if self.mode == "ar" else self.schedule.block_size
 
+    @property
+    def slots_per_round(self) -> int:
+        """Cache slots a round writes past a row's length before cutting back (diffusion also
+        writes the next block's masks): the room a cache needs beyond the last new token."""
+        return 2 * self.tokens_per_round if self.mode == "diffusion" else self.tokens_per_round
+
 
 class Round(NamedTuple):
     """``tokens [B, R]`` of which the first ``count [B]`` are new, the forward passes the round
-    cost each row, the updated cache and next-token logits."""
+    cost each row, the updated cache, next-token logits and draft."""
 
     tokens: jax.Array
     count: jax.Array
     passes: jax.Array
     cache: DecodeCache
     last_logits: jax.Array
+    draft: Draft
 
 
 def accepted_length(draft: jax.Array, causal: jax.Array) -> jax.Array:
@@ -62,17 +76,18 @@ def accepted_length(draft: jax.Array, causal: jax.Array) -> jax.Array:
     return 1 + jnp.sum(jnp.cumprod(match, axis=1), axis=1)
 
 
-def decode_round(model: HybridLM, cache: DecodeCache, last_logits: jax.Array,
+def decode_round(model: HybridLM, cache: DecodeCache, last_logits: jax.Array, draft: Draft,
                  next_position: jax.Array, active: jax.Array, threshold: jax.Array,
                  rng: jax.Array, settings: DecodeSettings) -> Round:
     """Advance every row by one round of ``settings.mode``. Inactive rows cost nothing of value and
-    their cache length does not move (what they write lands past their end)."""
+    their cache length does not move (what they write lands past their end). ``draft``
+    (``[B, R]``, see :meth:`Draft.empty`) is read and replaced by diffusion only."""
     batch = last_logits.shape[0]
     size = settings.tokens_per_round
     params = settings.params
     positions = next_position[:, None] + jnp.arange(size)[None, :]
     segment = jnp.full((batch, size), PROMPT_SEGMENT, jnp.int32)
-    first_rng, draft_rng, check_rng = jax.random.split(rng, 3)
+    first_rng, draft_rng, last_rng = jax.random.split(rng, 3)
     ones = jnp.ones((batch,), jnp.int32)
     if settings.mode == "ar":
         tokens = select_tokens(last_logits, params, first_rng)[:, None]
@@ -82,17 +97,20 @@ def decode_round(model: HybridLM, cache: DecodeCache, last_logits: jax.Array,
         block = jnp.full((batch, size), settings.mask_id, jnp.int32)
         masked = jnp.broadcast_to(active[:, None], (batch, size))
         tokens, steps = denoise_block(model, cache, block, masked, positions, last_logits,
-                                      threshold, settings.schedule, params, draft_rng)
-        logits, new_cache = model(tokens, segment, positions, cache)
+                                      threshold, settings.schedule, params, draft_rng, draft)
+        logits, next_logits, new_cache = model.append_then_denoise(
+            tokens, segment, positions, block, positions + size, cache)
         count, passes, new_logits = ones * size, steps + 1, logits[:, -1]
+        draft = Draft(*propose(next_logits, new_logits, settings.schedule, params, last_rng),
+                      valid=active)
     else:
         first = select_tokens(last_logits, params, first_rng)
-        draft = jnp.full((batch, size), settings.mask_id, jnp.int32).at[:, 0].set(first)
+        guess = jnp.full((batch, size), settings.mask_id, jnp.int32).at[:, 0].set(first)
         masked = (jnp.arange(size)[None, :] > 0) & active[:, None]
-        tokens, steps = denoise_block(model, cache, draft, masked, positions, last_logits,
+        tokens, steps = denoise_block(model, cache, guess, masked, positions, last_logits,
                                       threshold, settings.schedule, params, draft_rng)
         logits, full_cache, pending = model.append(tokens, segment, positions, cache)
-        causal = select_tokens(logits, params, check_rng)
+        causal = select_tokens(logits, params, last_rng)
         count = jnp.where(active, accepted_length(tokens, causal), 0)
         new_cache = model.keep_prefix(full_cache, pending, count)
         new_logits = jnp.take_along_axis(logits, jnp.maximum(count - 1, 0)[:, None, None],
@@ -101,4 +119,4 @@ def decode_round(model: HybridLM, cache: DecodeCache, last_logits: jax.Array,
     new_cache = dataclasses.replace(new_cache,
                                     length=jnp.where(active, new_cache.length, cache.length))
     new_logits = jnp.where(active[:, None], new_logits, last_logits)
-    return Round(tokens, count, passes, new_cache, new_logits)
+    return Round(tokens, count, passes, new_cache, new_logits, draft)

@@ -125,10 +125,12 @@ class Sampler:
         Modes: "ar" (one token per causal step); "diffusion" (blocks of ``block_size`` mask
         tokens denoised in parallel: each step commits every masked position whose probability
         passes ``threshold``, at least one, or with ``steps_per_block`` > 0 a fixed number of steps
-        per block; ``sub_blocks`` unmasks a block in left-to-right pieces; then one causal pass per
-        block writes the caches); "verified" (the diffusion draft of each block is checked by the
-        causal pass, keeping its longest prefix that equals the causal model's own choices; with
-        ``temperature=0`` the output equals "ar" token for token). ``logit_shift`` must match how
+        per block; ``sub_blocks`` unmasks a block in left-to-right pieces; the causal pass that
+        writes a block to the caches also makes the next block's first denoising step, so a block
+        of ``s`` steps costs ``s`` forward passes, the first block ``s + 1``); "verified" (the
+        diffusion draft of each block is checked by the causal pass, keeping its longest prefix
+        that equals the causal model's own choices; with ``temperature=0`` the output equals "ar"
+        token for token). ``logit_shift`` must match how
         the checkpoint was trained. Generation ends at a token of ``stop_token_ids`` (default: the
         config's EOS ids; the token is kept), after ``max_new_tokens``, or at the first ``stop``
         string (the text is cut before it). For streaming and slot refill use :class:`Engine`.
@@ -141,24 +143,13 @@ class Sampler:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         settings = self.decode_settings(mode, temperature, top_k, top_p, block_size,
                                         steps_per_block, sub_blocks, logit_shift)
-        config = self.model.config
         encoded = self.encode(prompts, chat)
-        batch = PromptBatch.left_padded(encoded, pad_id=config.pad_token_id or 0,
-                                        multiple=LENGTH_BUCKET)
-        cache_length = batch.tokens.shape[1] + bucket(max_new_tokens + settings.tokens_per_round,
-                                                      LENGTH_BUCKET)
-        if cache_length > config.max_position_embeddings:
-            raise ValueError(f"prompt ({batch.tokens.shape[1]} padded) + max_new_tokens "
-                             f"({max_new_tokens}) exceeds the context of "
-                             f"{config.max_position_embeddings} tokens")
-        stop_ids = tuple(config.eos_token_id if stop_token_ids is None else stop_token_ids)
+        stop_ids = tuple(self.model.config.eos_token_id if stop_token_ids is None
+                         else stop_token_ids)
+        args, static = self.batch_arguments(encoded, settings, max_new_tokens, stop_ids,
+                                            threshold, seed)
         start = time.perf_counter()
-        out = generate_batch(
-            self.graphdef, self.state, jnp.asarray(batch.tokens), jnp.asarray(batch.segment_ids),
-            jnp.asarray(batch.positions), jnp.asarray(batch.lengths),
-            jnp.asarray(stop_ids or (-1,), jnp.int32), jnp.float32(threshold),
-            jax.random.key(seed), settings=settings, max_new_tokens=max_new_tokens,
-            cache_length=cache_length)
+        out = generate_batch(*args, **static)
         tokens, num_new, passes = (np.asarray(x) for x in out)
         latency = time.perf_counter() - start
         results = []
@@ -168,6 +159,27 @@ class Sampler:
             results.append(self.make_result(row if cut is None else row[:cut], stop,
                                             set(stop_ids), int(passes[i]), latency))
         return results
+
+    def batch_arguments(self, encoded: Sequence[Sequence[int]], settings: DecodeSettings,
+                        max_new_tokens: int, stop_ids: Sequence[int], threshold: float,
+                        seed: int) -> tuple[tuple, dict]:
+        """Positional and static keyword arguments of :func:`generate_batch` for token-id prompts
+        (the first positional one, the graph definition, is static too)."""
+        config = self.model.config
+        batch = PromptBatch.left_padded(encoded, pad_id=config.pad_token_id or 0,
+                                        multiple=LENGTH_BUCKET)
+        cache_length = batch.tokens.shape[1] + bucket(max_new_tokens + settings.slots_per_round,
+                                                      LENGTH_BUCKET)
+        if cache_length > config.max_position_embeddings:
+            raise ValueError(f"prompt ({batch.tokens.shape[1]} padded) + max_new_tokens "
+                             f"({max_new_tokens}) exceeds the context of "
+                             f"{config.max_position_embeddings} tokens")
+        args = (self.graphdef, self.state, jnp.asarray(batch.tokens),
+                jnp.asarray(batch.segment_ids), jnp.asarray(batch.positions),
+                jnp.asarray(batch.lengths), jnp.asarray(tuple(stop_ids) or (-1,), jnp.int32),
+                jnp.float32(threshold), jax.random.key(seed))
+        return args, dict(settings=settings, max_new_tokens=max_new_tokens,
+                          cache_length=cache_length)
 
     def stop_index(self, tokens: list[int], stop: Sequence[str]) -> int | None:
         """Number of tokens to keep when the decoded text contains a stop string (None if not):
