@@ -83,7 +83,7 @@ def _mesh(cfg, args):
     from flare_jax.train.mesh import make_mesh
 
     data, fsdp, tensor = args.mesh or (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    return make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+    return make_mesh(data=data, fsdp=fsdp, tensor=tensor, expert=cfg.mesh.expert)
 
 
 def check_batch(rows: int, mesh) -> None:
@@ -92,7 +92,7 @@ def check_batch(rows: int, mesh) -> None:
 
     if rows % batch_divisor(mesh):
         raise SystemExit(f"--batch {rows} must be a multiple of the batch shards "
-                         f"({batch_divisor(mesh)} = mesh data x fsdp) of mesh {dict(mesh.shape)}")
+                         f"({batch_divisor(mesh)} = mesh data x fsdp x expert) of mesh {dict(mesh.shape)}")
 
 
 def _time_jax_step(objective: str, backend: str, args) -> dict:

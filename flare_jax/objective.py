@@ -71,15 +71,19 @@ class LossConfig:
         trained).
       elbo_weighting: weight each diffusion token's cross-entropy by ``1 / t``, ``t`` being that
         token's masking rate (needs ``eps > 0`` in the noise config so that ``t`` is never 0).
+      router_aux_weight: weight of a mixture-of-experts model's router load-balancing loss, which
+        the train step adds to this loss (HF's ``router_aux_loss_coef``; no effect on dense
+        models).
     """
 
     ar_weight: float = 1.0
     diffusion_weight: float = 1.0
     logit_shift: bool = False
     elbo_weighting: bool = False
+    router_aux_weight: float = 0.001
 
     def __post_init__(self) -> None:
-        for name in ("ar_weight", "diffusion_weight"):
+        for name in ("ar_weight", "diffusion_weight", "router_aux_weight"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")

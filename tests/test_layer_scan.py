@@ -16,6 +16,7 @@ from flare_jax.config import FULL, LINEAR, ModelConfig
 from flare_jax.layout import FlareLayout
 from flare_jax.model.hybrid import HybridLM
 from flare_jax.model.layer_scan import group_period
+from flare_jax.model.moe import load_balancing_loss
 from flare_jax.train import apply_overrides, load_config_file
 
 L, F = LINEAR, FULL
@@ -91,6 +92,56 @@ def test_scanned_layers_equal_unrolled_layers():
         assert float(jnp.max(jnp.abs(g[...]))) > 0, path  # every layer gets a gradient
         np.testing.assert_allclose(flat_scanned[path][...], g[...], rtol=0, atol=1e-6 * scale,
                                    err_msg=str(path))
+
+
+def test_router_statistics_scanned_equal_unrolled():
+    """Two sparse full-attention layers (one scanned group each; full attention compiles fast):
+    the FLARE call's router statistics count both streams of every layer at the unmasked
+    positions, and the scanned (remat) program gives the unrolled program's load-balancing loss
+    and gradients. A dense model returns no statistics."""
+    config = ModelConfig.from_hf_dict({
+        **{k: v for k, v in SMALL.items() if k != "intermediate_size"},
+        "model_type": "qwen3_5_moe_text", "mask_token_id": 2, "num_hidden_layers": 2,
+        "layer_types": [F, F], "num_experts": 4, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16})
+    # Parameters drawn with numpy: eager jax.random init compiles one program per shape.
+    graphdef, shapes = nnx.split(nnx.eval_shape(lambda: HybridLM(config, dtype=jnp.float32,
+                                                                 rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda a: jnp.asarray(0.2 * rng.standard_normal(a.shape), a.dtype),
+                          shapes)
+    clean = rng.integers(3, 40, (1, 16)).astype(np.int32)
+    noisy = np.where(rng.random(clean.shape) < 0.5, 2, clean).astype(np.int32)
+    layout = FlareLayout.from_segments(jnp.ones((1, 16), jnp.int32), 8)
+    mask = jnp.arange(16)[None] < 13  # tail padding
+
+    def aux(params, scan: bool):
+        m = nnx.merge(graphdef, params)
+        *_, stats = m.flare(clean, noisy, layout, remat=scan, scan_layers=scan, token_mask=mask,
+                            with_router_stats=True)
+        return load_balancing_loss(stats), stats
+
+    results = {}
+    for scan in (False, True):
+        step = jax.jit(jax.value_and_grad(lambda p, scan=scan: aux(p, scan), has_aux=True))
+        results[scan] = step.lower(params).compile({"xla_backend_optimization_level": 0})(params)
+    ((loss, stats), grads), ((loss_scan, stats_scan), grads_scan) = results[False], results[True]
+    assert float(stats.tokens) == 2 * 2 * 13  # 2 sparse layers x 2 streams x 13 tokens
+    assert float(stats.slots.sum()) == 2 * float(stats.tokens)  # top-2: two slots per token
+    # fp32: as in test_scanned_layers_equal_unrolled, only the order of fp32 sums differs.
+    np.testing.assert_allclose(float(loss_scan), float(loss), rtol=1e-6)
+    np.testing.assert_allclose(stats_scan.probs, stats.probs, rtol=1e-5)
+    flat, flat_scan = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(grads_scan))
+    scale = max(float(jnp.max(jnp.abs(v[...]))) for v in flat.values())
+    for path, g in flat.items():
+        np.testing.assert_allclose(flat_scan[path][...], g[...], rtol=0, atol=1e-6 * scale,
+                                   err_msg=str(path))
+    assert float(jnp.max(jnp.abs(flat[("layers", 0, "mlp", "gate", "kernel")][...]))) > 0
+    dense, dense_shapes = nnx.split(nnx.eval_shape(lambda: HybridLM(model_config([L, F]),
+                                                                     rngs=nnx.Rngs(0))))
+    out = jax.eval_shape(lambda s: nnx.merge(dense, s)(clean, with_router_stats=True),
+                         dense_shapes)
+    assert len(out) == 3 and out[2] is None
 
 
 @pytest.mark.parametrize("name, scan", [("tiny_cpu", False), ("qwen3_5_0p8b", True)])

@@ -31,7 +31,7 @@ from tiny_models import TINY_MOE, TINY_NEXT, build_hf_moe_model, vlm_from_text
 
 import flare_jax
 from flare_jax.config import QWEN3_5_MOE, QWEN3_NEXT, ConfigError, ModelConfig
-from flare_jax.model.moe import SparseMoE, load_balancing_loss, route
+from flare_jax.model.moe import RouterStats, SparseMoE, load_balancing_loss, route, router_stats
 
 FAMILIES = ("qwen3_next", "qwen3_5_moe")
 ATOL = 1e-4
@@ -64,7 +64,8 @@ def test_grouped_experts_equal_dense_reference():
     graphdef, params = nnx.split(moe)
 
     def run(params, method):
-        out, aux = getattr(nnx.merge(graphdef, params), method)(x, mask)
+        out, stats = getattr(nnx.merge(graphdef, params), method)(x, mask)
+        aux = load_balancing_loss(stats)
         return jnp.sum(out * jnp.cos(out)) + aux, (out, aux)
 
     grads, results = {}, {}
@@ -93,11 +94,21 @@ def test_router_loss_equals_hf_formula():
     raw = route(jnp.asarray(logits), top_k=3, normalize=False)
     np.testing.assert_allclose(raw.weights, np.sort(raw.probs, -1)[:, ::-1][:, :3], rtol=1e-6)
     for token_mask, hf_mask in ((None, None), (mask.reshape(-1), torch.as_tensor(mask))):
-        ours = load_balancing_loss(routing, None if token_mask is None else jnp.asarray(token_mask))
+        stats = router_stats(routing, None if token_mask is None else jnp.asarray(token_mask))
         theirs = load_balancing_loss_func((torch.as_tensor(logits),), 8, 3, hf_mask)
-        assert abs(float(ours) - float(theirs)) <= 1e-6
-    # Perfectly balanced routing gives k.
-    assert float(load_balancing_loss(route(jnp.zeros((4, 8)), 2, True))) == pytest.approx(2.0)
+        assert abs(float(load_balancing_loss(stats)) - float(theirs)) <= 1e-6
+    # Two layers: HF pools the layers' counts and probabilities before the product (not a mean
+    # of per-layer losses); summed statistics give the same.
+    layers = (logits, 3.0 * rng.normal(size=logits.shape).astype(np.float32))
+    per_layer = [router_stats(route(jnp.asarray(x), 3, True)) for x in layers]
+    theirs = float(load_balancing_loss_func(tuple(map(torch.as_tensor, layers)), 8, 3))
+    assert abs(float(load_balancing_loss(jax.tree.map(jnp.add, *per_layer))) - theirs) <= 1e-6
+    mean_of_layers = np.mean([float(load_balancing_loss(stats)) for stats in per_layer])
+    assert abs(mean_of_layers - theirs) > 1e-3  # the two conventions really differ here
+    # Perfectly balanced routing gives k; no tokens give 0.
+    balanced = router_stats(route(jnp.zeros((4, 8)), 2, True))
+    assert float(load_balancing_loss(balanced)) == pytest.approx(2.0)
+    assert float(load_balancing_loss(RouterStats.zeros(8))) == 0.0
 
 
 def assert_no_router_ties(hf_model, tokens: np.ndarray) -> None:
@@ -121,6 +132,26 @@ def test_logits_match_hf(families, family):
     with torch.no_grad():
         theirs = hf_model(torch.as_tensor(tokens), use_cache=False).logits.numpy()
     assert np.abs(model.logits(tokens) - theirs).max() <= ATOL
+
+
+def test_model_router_loss_equals_hf_aux_loss(families):
+    """The causal call's router statistics, summed over the layers (Qwen3-Next: sparse layers 0
+    and 1; the dense layer 2 adds nothing), give HF's ``aux_loss`` with right padding masked out.
+    Tolerance 1e-5: the routers see hidden states that agree with HF's to ~1e-6 and the top-k
+    choices are the same (no near-ties), so only the mean probabilities differ, by ~1e-7."""
+    hf_model, _, ckpt = families["qwen3_next"]
+    model = flare_jax.load(ckpt, dtype="float32")
+    tokens = np.random.default_rng(5).integers(2, hf_model.config.vocab_size, size=(2, 20))
+    mask = np.ones(tokens.shape, bool)
+    mask[1, 13:] = False
+    assert_no_router_ties(hf_model, tokens)
+    with torch.no_grad():
+        theirs = hf_model(torch.as_tensor(tokens), attention_mask=torch.as_tensor(mask).long(),
+                          use_cache=False, output_router_logits=True).aux_loss
+    _, _, stats = model.module(jnp.asarray(tokens), token_mask=jnp.asarray(mask),
+                               with_router_stats=True)
+    assert float(stats.tokens) == 2 * mask.sum()  # two sparse layers, padding out
+    assert abs(float(load_balancing_loss(stats)) - float(theirs)) <= 1e-5
 
 
 def test_greedy_generation_equals_hf_generate(families):
@@ -213,8 +244,8 @@ def expert_parallel_worker(out: Path) -> None:
     def loss(params, x, mask):
         bound = jax.tree.map(lambda v: v, state)
         bound.replace_by_pure_dict(params)
-        out, aux = nnx.merge(graphdef, bound)(x, mask)
-        return jnp.sum(out * jnp.cos(out)) + aux
+        out, stats = nnx.merge(graphdef, bound)(x, mask)
+        return jnp.sum(out * jnp.cos(out)) + load_balancing_loss(stats)
 
     fn = jax.value_and_grad(loss)
     ref_loss, ref_grads = jax.jit(fn)(params, x, mask)

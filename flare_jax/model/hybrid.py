@@ -17,7 +17,7 @@ from flare_jax.model.cache import DecodeCache, PendingAppend, write_rows
 from flare_jax.model.gated_deltanet import GatedDeltaNet
 from flare_jax.model.layer_scan import run_layers
 from flare_jax.model.layers import Dense, Dtype, RMSNorm, SwiGLU, matmul_precision
-from flare_jax.model.moe import SparseMoE
+from flare_jax.model.moe import RouterStats, SparseMoE
 from pallas_kernels.block_attention.mask import TokenLayout
 
 
@@ -34,7 +34,11 @@ class _CallPlan:
 
 class DecoderLayer(nnx.Module):
     """Pre-norm residual block: token mixer (linear or full attention), then the MLP (dense SwiGLU
-    or, in the layers the config makes sparse, the mixture of experts)."""
+    or, in the layers the config makes sparse, the mixture of experts).
+
+    Its call modes also return the router statistics of the tokens where ``token_mask`` is True
+    (:class:`~flare_jax.model.moe.RouterStats`): a sparse layer's, zeros from a dense layer of a
+    model with experts, None in a dense model."""
 
     def __init__(self, config: ModelConfig, index: int, *, dtype: Dtype, param_dtype: Dtype,
                  rngs: nnx.Rngs, backend: str):
@@ -50,14 +54,20 @@ class DecoderLayer(nnx.Module):
             self.linear_attn = GatedDeltaNet(config, backend=backend, **kw)
         self.mlp = (SparseMoE(config, **kw) if config.is_moe_layer(index) else
                     SwiGLU(config.hidden_size, config.intermediate_size, **kw))
+        self.num_experts = config.num_experts  # width of the router statistics (0: dense model)
 
-    def _mlp_block(self, h: jax.Array) -> jax.Array:
-        out = self.mlp(self.post_attention_layernorm(h))
-        return h + (out[0] if isinstance(self.mlp, SparseMoE) else out)  # MoE: (output, aux loss)
+    def _mlp_block(self, h: jax.Array, token_mask: jax.Array | None
+                   ) -> tuple[jax.Array, RouterStats | None]:
+        x = self.post_attention_layernorm(h)
+        if isinstance(self.mlp, SparseMoE):
+            out, stats = self.mlp(x, token_mask)
+            return h + out, stats
+        return h + self.mlp(x), RouterStats.zeros(self.num_experts) if self.num_experts else None
 
-    def causal(self, h: jax.Array, segment_ids: jax.Array, plan: _CallPlan, cache, write: bool):
-        """Returns the new hidden states, the layer cache (updated when ``write``) and the
-        pending inputs of a linear layer's append (None otherwise)."""
+    def causal(self, h: jax.Array, segment_ids: jax.Array, plan: _CallPlan, cache, write: bool,
+               token_mask: jax.Array | None = None):
+        """Returns the new hidden states, the layer cache (updated when ``write``), the
+        pending inputs of a linear layer's append (None otherwise) and the router statistics."""
         x = self.input_layernorm(h)
         pending = None
         if self.layer_type == FULL:
@@ -65,10 +75,13 @@ class DecoderLayer(nnx.Module):
                                               plan.write_start)
         else:
             mixed, new_cache, pending = self.linear_attn(x, segment_ids, cache, plan.continues)
-        return self._mlp_block(h + mixed), (new_cache if write else cache), pending
+        h, stats = self._mlp_block(h + mixed, token_mask)
+        return h, (new_cache if write else cache), pending, stats
 
-    def flare(self, h: jax.Array, layout: FlareLayout) -> jax.Array:
-        """``h`` is ``[B, 2L, hidden]``: the clean stream followed by the noisy stream."""
+    def flare(self, h: jax.Array, layout: FlareLayout, token_mask: jax.Array | None = None
+              ) -> tuple[jax.Array, RouterStats | None]:
+        """``h`` is ``[B, 2L, hidden]``: the clean stream followed by the noisy stream
+        (``token_mask [B, 2L]`` likewise). Returns the new hidden states and router statistics."""
         x = self.input_layernorm(h)
         if self.layer_type == FULL:
             packed = layout.packed()
@@ -78,7 +91,7 @@ class DecoderLayer(nnx.Module):
             out_clean, out_noisy = self.linear_attn.flare(
                 x_clean, x_noisy, layout.clean.segment_ids, layout.block_size)
             mixed = jnp.concatenate([out_clean, out_noisy], axis=1)
-        return self._mlp_block(h + mixed)
+        return self._mlp_block(h + mixed, token_mask)
 
 
 class HybridLM(nnx.Module):
@@ -116,18 +129,24 @@ class HybridLM(nnx.Module):
         h = self._embed(tokens)
         new_layers, pending = [], []
         for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
-            h, layer_cache, layer_pending = layer.causal(h, segment_ids, plan, layer_cache, write)
+            h, layer_cache, layer_pending, _ = layer.causal(h, segment_ids, plan, layer_cache,
+                                                            write)
             new_layers.append(layer_cache)
             pending.append(layer_pending)
         return self._logits(h), tuple(new_layers), tuple(pending)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: DecodeCache | None = None, *,
-                 scan_layers: bool = False) -> tuple[jax.Array, DecodeCache | None]:
+                 scan_layers: bool = False, token_mask: jax.Array | None = None,
+                 with_router_stats: bool = False) -> tuple:
         """Causal mode. ``tokens [B, T]``; documents marked by ``segment_ids`` (default: one per
         row); ``positions`` default to positions inside each document, and are required with a cache.
         Without a cache, ``scan_layers`` runs repeated layer groups in one ``lax.scan`` (see
         :func:`~flare_jax.model.layer_scan.run_layers`; same numbers, faster compile).
+        Returns ``(logits, cache or None)``; with ``with_router_stats`` (no cache) also the MoE
+        router statistics summed over the layers, counting the tokens where ``token_mask [B, T]``
+        is True (all by default; None for a dense model):
+        :func:`~flare_jax.model.moe.load_balancing_loss` of them is HF's auxiliary loss.
 
         With a cache the tokens follow it (written at each row's ``length``) and the updated cache
         is returned. A row whose first new token has the segment id of the cache's last token
@@ -137,17 +156,23 @@ class HybridLM(nnx.Module):
         if cache is not None:
             if positions is None:
                 raise ValueError("positions are required when decoding with a cache")
+            if with_router_stats:
+                raise ValueError("router statistics are only returned without a cache")
             logits, cache, _ = self.append(tokens, segment_ids, positions, cache)
             return logits, cache
         positions = document_positions(segment_ids) if positions is None else positions
         q_layout = TokenLayout.causal(segment_ids, positions)
         plan = _CallPlan(q_layout, q_layout)
+        collect = with_router_stats and self.config.num_experts > 0
 
-        def apply(layer: DecoderLayer, h: jax.Array) -> jax.Array:
-            return layer.causal(h, segment_ids, plan, None, write=False)[0]
+        def apply(layer: DecoderLayer, h: jax.Array) -> tuple[jax.Array, RouterStats | None]:
+            h, _, _, stats = layer.causal(h, segment_ids, plan, None, False, token_mask)
+            return h, stats if collect else None
 
-        h = run_layers(self.layers, self._embed(tokens), apply, scan=scan_layers)
-        return self._logits(h), None
+        h, stats = run_layers(self.layers, self._embed(tokens), apply, scan=scan_layers,
+                              aux=RouterStats.zeros(self.config.num_experts) if collect else None)
+        logits = self._logits(h)
+        return (logits, None, stats) if with_router_stats else (logits, None)
 
     def append(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
                cache: DecodeCache) -> tuple[jax.Array, DecodeCache, PendingAppend]:
@@ -175,6 +200,39 @@ class HybridLM(nnx.Module):
                                                                  strict=True)))
         return dataclasses.replace(cache, layers=layers).keep_slots(pending.start + keep)
 
+    def append_then_denoise(self, tokens: jax.Array, segment_ids: jax.Array,
+                            positions: jax.Array, noisy: jax.Array, noisy_positions: jax.Array,
+                            cache: DecodeCache) -> tuple[jax.Array, jax.Array, DecodeCache]:
+        """One pass over a clean block ``tokens [B, T]`` appended to the cache (as :meth:`append`)
+        and the noisy block ``noisy [B, bs]`` that follows it (as :meth:`denoise` would see it
+        after that append): the FLARE ``[clean ; noisy]`` layout at decode time.
+
+        The noisy block continues the last clean token's document, sees every cached and clean
+        token of it and all of its own tokens; linear layers run causally over both parts. Returns
+        the clean logits, the noisy logits and the cache ending exactly after the clean tokens.
+        """
+        length = tokens.shape[1]
+        noisy_segments = jnp.broadcast_to(segment_ids[:, -1:], noisy.shape)
+        ones = jnp.ones_like(noisy_segments)
+        q_layout = TokenLayout.causal(segment_ids, positions).concat(
+            TokenLayout(noisy_segments, noisy_positions, ones, ones))
+        start = cache.length
+        written = DecodeCache(cache.layers,
+                              write_rows(cache.segment_ids, q_layout.segment_ids, start),
+                              write_rows(cache.positions, q_layout.positions, start),
+                              start + q_layout.shape[1])
+        empty = jnp.zeros_like(written.segment_ids)
+        kv_layout = TokenLayout(written.segment_ids, written.positions,
+                                write_rows(empty, q_layout.block_ids, start),
+                                write_rows(empty, q_layout.noisy, start))
+        plan = _CallPlan(q_layout, kv_layout, start, cache.continues(segment_ids))
+        logits, layers, pending = self._run_causal(jnp.concatenate([tokens, noisy], axis=1),
+                                                   q_layout.segment_ids, plan, cache, write=True)
+        full = dataclasses.replace(written, layers=layers)
+        cache = self.keep_prefix(full, PendingAppend(start, q_layout.segment_ids, pending),
+                                 jnp.full_like(start, length))
+        return logits[:, :length], logits[:, length:], cache
+
     def denoise(self, tokens: jax.Array, cache: DecodeCache, positions: jax.Array,
                 segment_ids: jax.Array | None = None) -> jax.Array:
         """Logits of one noisy block ``[B, bs]`` that follows the cache; the cache is only read.
@@ -193,7 +251,8 @@ class HybridLM(nnx.Module):
 
     def flare(self, clean: jax.Array, noisy: jax.Array, layout: FlareLayout, *,
               remat: bool = False, constrain: Callable[[jax.Array], jax.Array] | None = None,
-              scan_layers: bool = False) -> tuple[jax.Array, jax.Array]:
+              scan_layers: bool = False, token_mask: jax.Array | None = None,
+              with_router_stats: bool = False) -> tuple:
         """FLARE training mode: the clean row and its noised copy ``[B, L]`` in one pass.
 
         ``remat`` recomputes each decoder layer in the backward pass instead of storing its
@@ -201,13 +260,22 @@ class HybridLM(nnx.Module):
         embedding and every layer (training uses it for sharding constraints); ``scan_layers`` runs
         repeated layer groups in one ``lax.scan`` (see :func:`~flare_jax.model.layer_scan.run_layers`;
         same numbers, the program holds one group instead of every layer).
-        Returns ``(clean_logits, noisy_logits)``, each ``[B, L, V]``.
+        Returns ``(clean_logits, noisy_logits)``, each ``[B, L, V]``; with ``with_router_stats``
+        also the MoE router statistics summed over the layers and BOTH streams, counting the
+        positions where ``token_mask [B, L]`` is True in the clean and in the noisy stream (all by
+        default; None for a dense model), see :meth:`__call__`.
         """
         keep = constrain if constrain is not None else (lambda x: x)
+        both = None if token_mask is None else jnp.concatenate([token_mask, token_mask], axis=1)
+        collect = with_router_stats and self.config.num_experts > 0
 
-        def apply(layer: DecoderLayer, h: jax.Array) -> jax.Array:
-            return keep(layer.flare(h, layout))
+        def apply(layer: DecoderLayer, h: jax.Array) -> tuple[jax.Array, RouterStats | None]:
+            h, stats = layer.flare(h, layout, both)
+            return keep(h), stats if collect else None
 
         h = keep(self._embed(jnp.concatenate([clean, noisy], axis=1)))
-        h = run_layers(self.layers, h, apply, scan=scan_layers, remat=remat)
-        return tuple(jnp.split(self._logits(h), 2, axis=1))
+        h, stats = run_layers(self.layers, h, apply, scan=scan_layers, remat=remat,
+                              aux=RouterStats.zeros(self.config.num_experts) if collect else None)
+        clean_logits, noisy_logits = jnp.split(self._logits(h), 2, axis=1)
+        return ((clean_logits, noisy_logits, stats) if with_router_stats
+                else (clean_logits, noisy_logits))

@@ -7,17 +7,23 @@ not change): at call time the states of the layers that play the same role in ev
 stacked, and the scan body merges each role's graph with its slice of the stack. Gradients flow
 back through the stack to the per-layer parameters. Both paths run the same operations in the same
 dtypes.
+
+Layers may also return auxiliary sums (the MoE router statistics): they are added up over the
+layers, carried through the scan next to the hidden states. With none (``aux=None``, dense models)
+the carry is the hidden state alone, as before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-LayerFn = Callable[[nnx.Module, jax.Array], jax.Array]  # (layer, hidden) -> hidden
+# (layer, hidden) -> (hidden, the layer's auxiliary sums: a pytree shaped like run_layers' aux)
+LayerFn = Callable[[nnx.Module, jax.Array], tuple[jax.Array, Any]]
 
 
 def _signature(layer: nnx.Module) -> tuple:
@@ -39,9 +45,10 @@ def group_period(layers: Sequence[nnx.Module]) -> int | None:
 
 
 def run_layers(layers: Sequence[nnx.Module], h: jax.Array, apply: LayerFn, *, scan: bool,
-               remat: bool = False) -> jax.Array:
-    """``h = apply(layer, h)`` for every layer in order; ``remat`` recomputes each layer in the
-    backward pass instead of storing its activations.
+               remat: bool = False, aux: Any = None) -> tuple[jax.Array, Any]:
+    """``h, layer_aux = apply(layer, h)`` for every layer in order; returns the final ``h`` and
+    ``aux`` plus the sum of every ``layer_aux`` (same pytree structure; ``None`` for none).
+    ``remat`` recomputes each layer in the backward pass instead of storing its activations.
 
     With ``scan`` and a repeating stack (:func:`group_period`) the full groups run as one
     ``lax.scan`` over stacked per-role states and any leftover layers run unrolled after it;
@@ -51,13 +58,14 @@ def run_layers(layers: Sequence[nnx.Module], h: jax.Array, apply: LayerFn, *, sc
     if period is None:
         run = nnx.remat(apply) if remat else apply
         for layer in layers:
-            h = run(layer, h)
-        return h
+            h, layer_aux = run(layer, h)
+            aux = jax.tree.map(jnp.add, aux, layer_aux)
+        return h, aux
     groups = len(layers) // period
     split = [nnx.split(layer) for layer in layers[:groups * period]]
 
-    def role_fn(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], jax.Array]:
-        def fn(state: nnx.State, x: jax.Array) -> jax.Array:
+    def role_fn(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], tuple[jax.Array, Any]]:
+        def fn(state: nnx.State, x: jax.Array) -> tuple[jax.Array, Any]:
             return apply(nnx.merge(graphdef, state), x)
 
         # prevent_cse=False: the scan already keeps the recomputation out of the forward pass.
@@ -67,10 +75,12 @@ def run_layers(layers: Sequence[nnx.Module], h: jax.Array, apply: LayerFn, *, sc
     stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in split[r::period]))
                for r in range(period)]
 
-    def body(x: jax.Array, group: list[nnx.State]) -> tuple[jax.Array, None]:
+    def body(carry: tuple[jax.Array, Any], group: list[nnx.State]) -> tuple[tuple, None]:
+        x, total = carry
         for fn, state in zip(roles, group, strict=True):
-            x = fn(state, x)
-        return x, None
+            x, layer_aux = fn(state, x)
+            total = jax.tree.map(jnp.add, total, layer_aux)
+        return (x, total), None
 
-    h, _ = jax.lax.scan(body, h, stacked)
-    return run_layers(layers[groups * period:], h, apply, scan=False, remat=remat)
+    (h, aux), _ = jax.lax.scan(body, (h, aux), stacked)
+    return run_layers(layers[groups * period:], h, apply, scan=False, remat=remat, aux=aux)

@@ -39,19 +39,40 @@ def route(logits: jax.Array, top_k: int, normalize: bool) -> Routing:
     return Routing(logits, probs, weights, experts.astype(jnp.int32))
 
 
-def load_balancing_loss(routing: Routing, token_mask: jax.Array | None = None) -> jax.Array:
-    """Switch-Transformer auxiliary loss as Qwen computes it: ``E * sum_e f_e * P_e`` with ``f_e``
-    the number of top-k slots given to expert ``e`` per token and ``P_e`` the mean router
-    probability of ``e``, both averaged over the (unmasked) tokens; ``k`` at perfect balance (HF
-    counts every top-k slot). ``token_mask [N]`` drops padding tokens."""
+class RouterStats(NamedTuple):
+    """Sums behind the load-balancing loss; they add up (``jax.tree.map(jnp.add, ...)``) over
+    layers, streams and micro-batches."""
+
+    slots: jax.Array  # [E] fp32: top-k slots given to each expert
+    probs: jax.Array  # [E] fp32: router probabilities of each expert
+    tokens: jax.Array  # [] fp32: routed tokens
+
+    @classmethod
+    def zeros(cls, num_experts: int) -> RouterStats:
+        """No tokens routed (a dense layer's share)."""
+        return cls(jnp.zeros((num_experts,), jnp.float32), jnp.zeros((num_experts,), jnp.float32),
+                   jnp.zeros((), jnp.float32))
+
+
+def router_stats(routing: Routing, token_mask: jax.Array | None = None) -> RouterStats:
+    """The sums of ``routing`` over the tokens where ``token_mask [N]`` is True (all by default);
+    the slot counts come from the top-k choice and carry no gradient."""
     num_experts = routing.probs.shape[-1]
     mask = (jnp.ones(routing.probs.shape[:1], jnp.float32) if token_mask is None
             else token_mask.astype(jnp.float32))
     slots = jax.nn.one_hot(routing.experts, num_experts, dtype=jnp.float32).sum(axis=1)  # [N, E]
-    count = jnp.maximum(jnp.sum(mask), 1.0)
-    tokens_per_expert = jnp.sum(slots * mask[:, None], axis=0) / count
-    prob_per_expert = jnp.sum(routing.probs * mask[:, None], axis=0) / count
-    return num_experts * jnp.sum(tokens_per_expert * prob_per_expert)
+    return RouterStats(jnp.sum(slots * mask[:, None], axis=0),
+                       jnp.sum(routing.probs * mask[:, None], axis=0), jnp.sum(mask))
+
+
+def load_balancing_loss(stats: RouterStats) -> jax.Array:
+    """Switch-Transformer auxiliary loss as Qwen computes it: ``E * sum_e f_e * P_e`` with ``f_e``
+    the top-k slots given to expert ``e`` per token and ``P_e`` the mean router probability of
+    ``e``, both averaged over every routed token of every layer summed into ``stats`` (HF pools
+    the layers before the product, it does not average per-layer losses); ``k`` at perfect
+    balance (HF counts every top-k slot), 0 with no tokens."""
+    count = jnp.maximum(stats.tokens, 1.0)
+    return stats.slots.shape[0] * jnp.sum((stats.slots / count) * (stats.probs / count))
 
 
 class Experts(nnx.Module):
@@ -112,7 +133,8 @@ class Experts(nnx.Module):
 
 class SparseMoE(nnx.Module):
     """Router ``gate`` (fp32 logits) -> top-k routed experts + ``sigmoid(shared_expert_gate(x)) *
-    shared_expert(x)``. Calls return ``(output, load-balancing loss)``."""
+    shared_expert(x)``. Calls return ``(output, router statistics)``; :func:`load_balancing_loss`
+    turns the statistics (summed over layers) into the auxiliary loss."""
 
     def __init__(self, config: ModelConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         c = config
@@ -133,7 +155,7 @@ class SparseMoE(nnx.Module):
         return route(logits, self.top_k, self.normalize)
 
     def _forward(self, x: jax.Array, token_mask: jax.Array | None, dense: bool
-                 ) -> tuple[jax.Array, jax.Array]:
+                 ) -> tuple[jax.Array, RouterStats]:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         routing = self.router(flat)
@@ -142,15 +164,15 @@ class SparseMoE(nnx.Module):
         shared_gate = jax.nn.sigmoid(self.shared_expert_gate(flat).astype(jnp.float32))
         out = routed + shared_gate * self.shared_expert(flat).astype(jnp.float32)
         mask = None if token_mask is None else token_mask.reshape(-1)
-        return out.astype(self.dtype).reshape(shape), load_balancing_loss(routing, mask)
+        return out.astype(self.dtype).reshape(shape), router_stats(routing, mask)
 
     def __call__(self, x: jax.Array, token_mask: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
-        """``x [..., hidden]`` -> (output like ``x`` in the compute dtype, scalar aux loss over
+                 ) -> tuple[jax.Array, RouterStats]:
+        """``x [..., hidden]`` -> (output like ``x`` in the compute dtype, router statistics of
         the tokens where ``token_mask [...]`` is True)."""
         return self._forward(x, token_mask, dense=False)
 
     def dense_reference(self, x: jax.Array, token_mask: jax.Array | None = None
-                        ) -> tuple[jax.Array, jax.Array]:
+                        ) -> tuple[jax.Array, RouterStats]:
         """:meth:`__call__` with every expert evaluated on every token (test oracle)."""
         return self._forward(x, token_mask, dense=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import ml_collections
 
+from flare_jax.checkpoint import HF_CONFIG_FILE
 from flare_jax.config import ConfigError, ModelConfig
 from flare_jax.data import DataConfig
 from flare_jax.objective import LossConfig, NoiseConfig
@@ -66,6 +68,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.diffusion_weight = 1.0
     c.loss.logit_shift = False
     c.loss.elbo_weighting = False
+    # Weight of the MoE router load-balancing loss (dense models: no effect). None: the model's
+    # HF `router_aux_loss_coef` (model.hf_config, or the hf_config.json that conversion keeps in
+    # the model.init_from checkpoint) when it has one, else HF's default 0.001.
+    c.loss.router_aux_weight = None
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 3e-4
@@ -81,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1  # -1: every device left over
     c.mesh.tensor = 1
+    c.mesh.expert = 1  # expert parallelism: the MoE experts (and the batch) split over this axis
 
     c.train = ml_collections.ConfigDict()
     c.train.objective = "flare"  # or "causal": plain next-token training of the clean rows
@@ -153,6 +160,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("loss.diffusion_weight", lambda v: _num(v) and v >= 0, "a number >= 0"),
         ("loss.logit_shift", lambda v: isinstance(v, bool), "a bool"),
         ("loss.elbo_weighting", lambda v: isinstance(v, bool), "a bool"),
+        ("loss.router_aux_weight", lambda v: v is None or (_num(v) and v >= 0),
+         "None or a number >= 0"),
         ("optimizer.learning_rate", lambda v: _num(v) and v > 0, "a number > 0"),
         ("optimizer.warmup_steps", lambda v: _int(v) and v >= 0, "an int >= 0"),
         ("optimizer.min_lr_ratio", lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
@@ -164,6 +173,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("mesh.data", lambda v: _int(v) and (v >= 1 or v == -1), "a positive int or -1"),
         ("mesh.fsdp", lambda v: _int(v) and (v >= 1 or v == -1), "a positive int or -1"),
         ("mesh.tensor", lambda v: _int(v) and (v >= 1 or v == -1), "a positive int or -1"),
+        ("mesh.expert", lambda v: _int(v) and (v >= 1 or v == -1), "a positive int or -1"),
         ("train.objective", lambda v: v in OBJECTIVES, f"one of {OBJECTIVES}"),
         ("train.steps", lambda v: _int(v) and v >= 1, "a positive int"),
         ("train.grad_accum", lambda v: _int(v) and v >= 1, "a positive int"),
@@ -177,8 +187,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     ]
     for field, ok, expected in checks:
         _check(cfg, field, ok, expected)
-    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
-        raise TrainConfigError("config.mesh: at most one of data/fsdp/tensor may be -1")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.tensor].count(-1) > 1:
+        raise TrainConfigError("config.mesh: at most one of data/fsdp/expert/tensor may be -1")
     if cfg.loss.ar_weight == 0 and cfg.loss.diffusion_weight == 0:
         raise TrainConfigError("config.loss.diffusion_weight: ar_weight and diffusion_weight are "
                                "both 0, nothing would be trained")
@@ -220,20 +230,41 @@ def noise_config(cfg: ml_collections.ConfigDict, mask_token_id: int) -> NoiseCon
                        position_dependent=cfg.noise.position_dependent)
 
 
+def _hf_router_aux_weight(cfg: ml_collections.ConfigDict) -> float | None:
+    """``router_aux_loss_coef`` of the model's HF config (``model.hf_config``, else the
+    ``hf_config.json`` of ``model.init_from``; a nested ``text_config`` counts), if any."""
+    hf = cfg.model.hf_config.to_dict()
+    path = Path(cfg.model.init_from) / HF_CONFIG_FILE if cfg.model.init_from else None
+    if path is not None and path.is_file():
+        hf = json.loads(path.read_text())
+    for fields in (hf, hf.get("text_config") or {}):
+        if fields.get("router_aux_loss_coef") is not None:
+            return float(fields["router_aux_loss_coef"])
+    return None
+
+
 def loss_config(cfg: ml_collections.ConfigDict) -> LossConfig:
-    """The objective's loss balance."""
+    """The objective's loss balance; an unset ``loss.router_aux_weight`` comes from the model's
+    HF config (HF's default 0.001 if it has none)."""
+    router = cfg.loss.router_aux_weight
+    if router is None:
+        router = _hf_router_aux_weight(cfg)
+    weight = {} if router is None else {"router_aux_weight": float(router)}
     return LossConfig(ar_weight=float(cfg.loss.ar_weight),
                       diffusion_weight=float(cfg.loss.diffusion_weight),
-                      logit_shift=cfg.loss.logit_shift, elbo_weighting=cfg.loss.elbo_weighting)
+                      logit_shift=cfg.loss.logit_shift, elbo_weighting=cfg.loss.elbo_weighting,
+                      **weight)
 
 
-def data_config(cfg: ml_collections.ConfigDict, process_count: int, pad_id: int) -> DataConfig:
-    """This process's data settings: the global batch split evenly over processes."""
-    if cfg.data.global_batch_size % process_count:
+def data_config(cfg: ml_collections.ConfigDict, data_slices: int, pad_id: int) -> DataConfig:
+    """This process's data settings: the global batch split evenly into ``data_slices`` (the
+    groups of processes holding different rows, see ``sharding.process_batch_slice``)."""
+    if cfg.data.global_batch_size % data_slices:
         raise TrainConfigError(f"config.data.global_batch_size: {cfg.data.global_batch_size} is "
-                               f"not divisible by the {process_count} processes")
+                               f"not divisible by the {data_slices} process groups holding "
+                               "different batch rows")
     return DataConfig(paths=tuple(cfg.data.paths), seq_len=cfg.data.seq_len,
-                      batch_size=cfg.data.global_batch_size // process_count, seed=cfg.data.seed,
+                      batch_size=cfg.data.global_batch_size // data_slices, seed=cfg.data.seed,
                       shuffle=cfg.data.shuffle, pad_id=pad_id, read_threads=cfg.data.read_threads,
                       prefetch=cfg.data.prefetch)
 

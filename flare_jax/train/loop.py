@@ -30,6 +30,7 @@ from flare_jax.config import ModelConfig
 from flare_jax.data import DocumentTokenizer, build_dataset
 from flare_jax.train import config as train_config
 from flare_jax.train.checkpointing import Checkpointer, abstract_like
+from flare_jax.train.init import init_params
 from flare_jax.train.mesh import make_mesh
 from flare_jax.train.metrics import MetricsLogger, peak_flops, train_flops_per_row
 from flare_jax.train.optimizer import make_optimizer
@@ -44,7 +45,6 @@ from flare_jax.train.step import (
     StepConfig,
     TrainState,
     abstract_params,
-    init_params,
     init_state,
     make_train_step,
     state_shardings,
@@ -109,12 +109,12 @@ def train(cfg: ml_collections.ConfigDict, stop_after: int | None = None) -> Trai
     init_from = Path(cfg.model.init_from) if cfg.model.init_from else None
     model_config = train_config.model_config_from(
         cfg, read_model_config(init_from) if init_from else None)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert)
     shards = batch_divisor(mesh)
     if cfg.data.global_batch_size % (shards * cfg.train.grad_accum):
         raise train_config.TrainConfigError(
             f"config.data.global_batch_size: {cfg.data.global_batch_size} must be a multiple of "
-            f"the batch shards ({shards} = mesh data x fsdp) times train.grad_accum "
+            f"the batch shards ({shards} = mesh data x fsdp x expert) times train.grad_accum "
             f"({cfg.train.grad_accum})")
 
     tokenizer_dir = Path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else init_from

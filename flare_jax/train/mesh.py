@@ -1,5 +1,5 @@
-"""The device mesh of training (axes ``("data", "fsdp", "tensor")``) and joining the
-multi-process runtime."""
+"""The device mesh of training (axes ``("data", "fsdp", "tensor")``, with an ``"expert"`` axis
+before ``"tensor"`` when expert parallelism is asked for) and joining the multi-process runtime."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "expert", "tensor")  # outermost to innermost
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
-    """Resolve one ``-1`` entry to the devices left over; the product must be ``device_count``."""
-    sizes = [data, fsdp, tensor]
-    named = dict(zip(AXES, sizes, strict=True))
+def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int, expert: int = 1
+               ) -> tuple[int, ...]:
+    """Resolve one ``-1`` entry to the devices left over; the product must be ``device_count``.
+    Returns the sizes of :func:`mesh_axes`: ``(data, fsdp, tensor)``, or ``(data, fsdp, expert,
+    tensor)`` when the expert axis has more than one device."""
+    named = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+    sizes = [named[a] for a in AXES]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: at most one axis may be -1, got {named}")
     if -1 in sizes:
@@ -27,15 +30,21 @@ def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[in
     if int(np.prod(sizes)) != device_count:
         raise ValueError(f"mesh: {named} needs {int(np.prod(sizes))} devices, "
                          f"{device_count} are available")
-    return tuple(sizes)
+    return tuple(s for a, s in zip(AXES, sizes, strict=True) if a != "expert" or s > 1)
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+def mesh_axes(shape: Sequence[int]) -> tuple[str, ...]:
+    """Axis names of a :func:`mesh_shape` result."""
+    return AXES if len(shape) == len(AXES) else tuple(a for a in AXES if a != "expert")
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over ``devices`` (all devices of all processes by default)."""
+    """A mesh over ``devices`` (all devices of all processes by default); the ``expert`` axis
+    exists when ``expert`` resolves to more than one device."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(data, fsdp, tensor, len(devices))
-    return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES)
+    shape = mesh_shape(data, fsdp, tensor, len(devices), expert)
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), mesh_axes(shape))
 
 
 def _env_int(name: str) -> int | None:

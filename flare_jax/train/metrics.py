@@ -5,9 +5,10 @@ FLOPs are the model's training FLOPs (forward + backward = 3x forward; recomputa
 counted): ``2 * params_matmul`` per token of every stream processed, plus attention scores and
 values over the visible key pairs of each full-attention layer, plus the Gated DeltaNet
 recurrence (``6 d_k d_v`` per value head and token: decay/update, read-out and state write) and
-the depthwise conv. Visible pairs assume one document per row (an upper bound for packed rows):
-causal ``L (L + 1) / 2`` for the clean stream; a noisy token of block ``b`` sees ``b * bs`` clean
-and ``bs`` noisy tokens.
+the depthwise conv. A mixture-of-experts layer counts its active weights only: the router, the
+top-k routed experts, the shared expert and its gate. Visible pairs assume one document per row
+(an upper bound for packed rows): causal ``L (L + 1) / 2`` for the clean stream; a noisy token of
+block ``b`` sees ``b * bs`` clean and ``bs`` noisy tokens.
 """
 
 from __future__ import annotations
@@ -27,16 +28,28 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12,
               "TPU v5 lite": 197e12, "TPU v6": 918e12, "TPU v4": 275e12}
 
 
-def matmul_params(config: ModelConfig) -> int:
-    """Weights used in matmuls per token (projections, MLP, LM head; not the embedding gather)."""
+def mlp_params(config: ModelConfig, index: int) -> int:
+    """Weights of layer ``index``'s MLP that one token multiplies: the dense SwiGLU, or (sparse
+    layer) the router, ``num_experts_per_tok`` routed experts, the shared expert and its gate."""
     c = config
     h = c.hidden_size
-    mlp = 3 * h * c.intermediate_size
+    if not c.is_moe_layer(index):
+        return 3 * h * c.intermediate_size
+    routed = c.num_experts_per_tok * 3 * h * c.moe_intermediate_size
+    return h * c.num_experts + routed + 3 * h * c.shared_expert_intermediate_size + h
+
+
+def matmul_params(config: ModelConfig) -> int:
+    """Weights used in matmuls per token (projections, MLP, LM head; not the embedding gather);
+    active weights only in mixture-of-experts layers."""
+    c = config
+    h = c.hidden_size
     full = h * (2 * c.num_attention_heads * c.head_dim + 2 * c.num_key_value_heads * c.head_dim) \
         + c.num_attention_heads * c.head_dim * h
     linear = h * (c.linear_conv_dim + c.linear_value_dim + 2 * c.linear_num_value_heads) \
         + c.linear_value_dim * h
-    layers = sum(mlp + (full if t == FULL else linear) for t in c.layer_types)
+    layers = sum(mlp_params(c, i) + (full if t == FULL else linear)
+                 for i, t in enumerate(c.layer_types))
     return layers + h * c.vocab_size
 
 
@@ -122,8 +135,9 @@ class MetricsLogger:
         done = row["step"] / self.total_steps
         bar = "#" * int(30 * done)
         mfu = f" mfu {100 * row['mfu']:.1f}%" if "mfu" in row else ""
+        router = f"router {row['router_aux_loss']:.4f} " if "router_aux_loss" in row else ""
         sys.stderr.write(f"\r[{bar:<30}] {row['step']}/{self.total_steps} loss {row['loss']:.4f} "
-                         f"ar {row['ar_loss']:.4f} diff {row['diffusion_loss']:.4f} "
+                         f"ar {row['ar_loss']:.4f} diff {row['diffusion_loss']:.4f} {router}"
                          f"{row['tokens_per_s']:.0f} tok/s{mfu}")
         if row["step"] >= self.total_steps:
             sys.stderr.write("\n")

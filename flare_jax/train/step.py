@@ -1,6 +1,7 @@
-"""The jitted train step: FLARE forward on ``[clean ; noisy]``, token-balanced loss, gradient
-accumulation over micro-batches, AdamW update; parameters and optimizer state sharded by the
-logical rules. A plain causal step of the same model is provided as a baseline."""
+"""The jitted train step: FLARE forward on ``[clean ; noisy]``, token-balanced loss (plus the
+router load-balancing loss of mixture-of-experts models), gradient accumulation over
+micro-batches, AdamW update; parameters and optimizer state sharded by the logical rules. A plain
+causal step of the same model is provided as a baseline."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from flare_jax.checkpoint import Nested, flatten
 from flare_jax.config import ModelConfig
 from flare_jax.layout import FlareLayout
 from flare_jax.model.hybrid import HybridLM
+from flare_jax.model.moe import RouterStats, load_balancing_loss
 from flare_jax.objective import LossConfig, NoiseConfig, add_noise, flare_loss, token_cross_entropy
 from flare_jax.pretrained import module_params
 from flare_jax.train import sharding
@@ -39,6 +41,7 @@ class ModelBinder:
     """Builds a :class:`HybridLM` around a parameter dict inside a traced function."""
 
     def __init__(self, config: ModelConfig, dtype: jnp.dtype, backend: str):
+        self.config = config
         abstract = nnx.eval_shape(lambda: HybridLM(config, dtype=dtype, param_dtype=jnp.float32,
                                                    rngs=nnx.Rngs(0), backend=backend))
         self.graphdef, state = nnx.split(abstract)
@@ -55,14 +58,6 @@ def abstract_params(config: ModelConfig) -> Nested:
     """Shapes and dtypes (fp32) of the parameters of ``config``."""
     return jax.eval_shape(lambda: module_params(HybridLM(config, param_dtype=jnp.float32,
                                                          rngs=nnx.Rngs(0))))
-
-
-def init_params(config: ModelConfig, seed: int, mesh: Mesh) -> Nested:
-    """Random fp32 parameters created directly in their shardings."""
-    shardings = sharding.param_shardings(abstract_params(config), mesh)
-    init = jax.jit(lambda: module_params(HybridLM(config, param_dtype=jnp.float32,
-                                                  rngs=nnx.Rngs(seed))), out_shardings=shardings)
-    return init()
 
 
 def state_shardings(tx: optax.GradientTransformation, params: Nested, mesh: Mesh) -> TrainState:
@@ -122,8 +117,21 @@ def make_train_step(binder: ModelBinder, tx: optax.GradientTransformation, cfg: 
     Noise is drawn from ``fold_in(key(seed), step)`` over the whole global batch (independent of
     the mesh and of ``grad_accum``). Gradients of the micro-batches are summed unnormalised and
     divided by the batch's total loss weight, so accumulation reproduces the full-batch loss.
+
+    Mixture-of-experts models add ``loss.router_aux_weight * aux`` (metric ``router_aux_loss``),
+    ``aux`` being HF's load-balancing loss over the loss tokens (``loss_mask``; padding and
+    prompts out) of every sparse layer, of both streams with the FLARE objective. ``aux`` is a
+    product of two batch means, not a sum over tokens: the micro-batches' router statistics are
+    summed, so the reported ``router_aux_loss`` and ``loss`` are the full-batch values for any
+    ``grad_accum``. Its gradient needs the whole batch's expert counts before any backward pass,
+    so each micro-batch differentiates its own ``aux`` weighted by its share of the loss weight:
+    exact without accumulation, the token-weighted mean of the micro-batch gradients with it
+    (what HF's Trainer does; it differs from the full-batch gradient only by how much the
+    experts' loads vary between micro-batches). Weight 0 leaves the gradients of the plain loss.
     """
     w_ar, w_diff = cfg.loss.ar_weight, cfg.loss.diffusion_weight
+    w_router = cfg.loss.router_aux_weight
+    num_experts = binder.config.num_experts
 
     def constrain(h: jax.Array) -> jax.Array:
         return sharding.constrain(h, "hidden", mesh)
@@ -131,20 +139,25 @@ def make_train_step(binder: ModelBinder, tx: optax.GradientTransformation, cfg: 
     def micro_loss(params: Nested, micro: Batch) -> tuple[jax.Array, tuple]:
         model = binder(params)
         tokens, segment_ids, loss_mask = micro["tokens"], micro["segment_ids"], micro["loss_mask"]
+        router_mask = loss_mask.astype(bool)
         if cfg.objective == "causal":
-            logits, _ = model(tokens, segment_ids, scan_layers=cfg.scan_layers)
+            logits, _, stats = model(tokens, segment_ids, scan_layers=cfg.scan_layers,
+                                     token_mask=router_mask, with_router_stats=True)
             mean, metrics = _causal_loss(logits, tokens, loss_mask, segment_ids)
             weight = metrics["ar_tokens"]
         else:
             layout = FlareLayout.from_segments(segment_ids, cfg.block_size)
-            clean_logits, noisy_logits = model.flare(tokens, micro["noisy"], layout,
-                                                     remat=cfg.remat, constrain=constrain,
-                                                     scan_layers=cfg.scan_layers)
+            clean_logits, noisy_logits, stats = model.flare(
+                tokens, micro["noisy"], layout, remat=cfg.remat, constrain=constrain,
+                scan_layers=cfg.scan_layers, token_mask=router_mask, with_router_stats=True)
             mean, metrics = flare_loss(clean_logits, noisy_logits, tokens, micro["noise_mask"],
                                        loss_mask, segment_ids, micro["rate"], cfg.loss)
             weight = w_ar * metrics["ar_tokens"] + w_diff * metrics["diffusion_tokens"]
         weight = jax.lax.stop_gradient(weight)
-        return mean * weight, (metrics, weight)
+        objective = mean
+        if stats is not None and w_router > 0:
+            objective = objective + w_router * load_balancing_loss(stats)
+        return objective * weight, (metrics, weight, stats)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -158,30 +171,42 @@ def make_train_step(binder: ModelBinder, tx: optax.GradientTransformation, cfg: 
         micro = {k: _micro_batches(v, cfg.grad_accum) for k, v in batch.items()}
 
         def accumulate(carry, mb):
-            grads, total, ar_sum, diff_sum, counts = carry
-            (weighted, (metrics, weight)), g = grad_fn(state.params, mb)
+            grads, total, ar_sum, diff_sum, counts, router = carry
+            (_, (metrics, weight, stats)), g = grad_fn(state.params, mb)
             grads = jax.tree.map(jnp.add, grads, g)
             counts = counts + jnp.stack([metrics["ar_tokens"], metrics["diffusion_tokens"], weight])
             ar_sum = ar_sum + metrics["ar_loss"] * metrics["ar_tokens"]
             diff_sum = diff_sum + metrics["diffusion_loss"] * metrics["diffusion_tokens"]
-            return (grads, total + weighted, ar_sum, diff_sum, counts), None
+            router = jax.tree.map(jnp.add, router, stats)
+            return (grads, total + metrics["loss"] * weight, ar_sum, diff_sum, counts, router), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jnp.zeros(3))
-        (grads, total, ar_sum, diff_sum, counts), _ = jax.lax.scan(accumulate, init, micro)
+        router = RouterStats.zeros(num_experts) if num_experts else None
+        init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jnp.zeros(3), router)
+        (grads, total, ar_sum, diff_sum, counts, router), _ = jax.lax.scan(accumulate, init, micro)
         denominator = jnp.maximum(counts[2], 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        loss = total / denominator
+        extra = {}
+        if router is not None:
+            extra["router_aux_loss"] = load_balancing_loss(router)
+            loss = loss + w_router * extra["router_aux_loss"]
         metrics = {
-            "loss": total / denominator,
+            "loss": loss,
             "ar_loss": ar_sum / jnp.maximum(counts[0], 1.0),
             "ar_tokens": counts[0],
             "diffusion_loss": diff_sum / jnp.maximum(counts[1], 1.0),
             "diffusion_tokens": counts[1],
             "grad_norm": optax.tree.norm(grads),
+            **extra,
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+    def step_on_mesh(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # kernels per shard (flare_jax.ops)
+            return step(state, batch)
+
+    return jax.jit(step_on_mesh, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
