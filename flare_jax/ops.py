@@ -1,31 +1,81 @@
 """The model's entry points to the kernels: one function per op, backend resolved by the kernel API.
 
-Model code calls these and never branches on the platform. Sharding of Pallas calls under a mesh
-(``shard_map`` over batch and heads) belongs here as well.
+Model code calls these and never branches on the platform. Under a mesh (``jax.set_mesh``, as the
+train step traces) each op runs per shard (``shard_map``): rows split over the batch axes, heads
+over the head axes where they divide. Left to the partitioner, a Pallas kernel (an opaque custom
+call) would instead be fed the gathered global arrays on every device.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import jax
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.block_attention import api as attention_api
 from pallas_kernels.block_attention.mask import TokenLayout
 from pallas_kernels.gated_delta import api as gated_delta_api
 from pallas_kernels.gated_delta.api import GatedDeltaInputs
 
+BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch
+HEAD_AXES = ("tensor",)  # mesh axes that split attention and linear-attention heads
+
+
+def _split_axes(axes: tuple[str, ...], size: int, mesh) -> tuple[str, ...] | None:
+    present = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+    if not present or size % math.prod(mesh.shape[a] for a in present):
+        return None
+    return present
+
+
+def _per_shard(fn: Callable, batch: int, heads: tuple[int, ...],
+               specs: Callable[[object, object], tuple[tuple, object]]) -> Callable:
+    """``fn`` under the current mesh's ``shard_map`` (``fn`` itself without a mesh):
+    ``specs(b, h) -> (in_specs, out_specs)`` places the batch axes ``b`` and head axes ``h``
+    (None where they do not divide ``batch`` / every entry of ``heads``)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn
+    b = _split_axes(BATCH_AXES, batch, mesh)
+    head_splits = [_split_axes(HEAD_AXES, n, mesh) for n in heads]
+    h = head_splits[0] if None not in head_splits else None
+    if b is None and h is None:
+        return fn
+    in_specs, out_specs = specs(b, h)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
               kv_layout: TokenLayout, *, backend: str = "auto") -> jax.Array:
     """Softmax attention under the FLARE visibility rule of the two layouts (GQA by head groups)."""
-    return attention_api.block_attention(q, k, v, q_layout, kv_layout, backend=backend)
+    def run(q, k, v, q_layout, kv_layout):
+        return attention_api.block_attention(q, k, v, q_layout, kv_layout, backend=backend)
+
+    def specs(b, h):
+        heads, rows = P(b, None, h, None), P(b, None)
+        return (heads, heads, heads, rows, rows), heads
+
+    return _per_shard(run, q.shape[0], (q.shape[2], k.shape[2]), specs)(
+        q, k, v, q_layout, kv_layout)
 
 
 def gated_delta(inputs: GatedDeltaInputs, *, segment_ids: jax.Array,
                 initial_state: jax.Array | None = None, backend: str = "auto"
                 ) -> tuple[jax.Array, jax.Array]:
     """Gated delta rule over one stream with document resets; returns ``(o, final_state)``."""
-    return gated_delta_api.gated_delta_rule(*inputs, segment_ids=segment_ids,
-                                            initial_state=initial_state, backend=backend)
+    def run(inputs, segment_ids, initial_state):
+        return gated_delta_api.gated_delta_rule(*inputs, segment_ids=segment_ids,
+                                                initial_state=initial_state, backend=backend)
+
+    def specs(b, h):
+        state = P(b, h, None, None)
+        return ((_gated_delta_specs(b, h), P(b, None), None if initial_state is None else state),
+                (P(b, None, h, None), state))
+
+    return _per_shard(run, segment_ids.shape[0], (inputs.k.shape[2], inputs.v.shape[2]), specs)(
+        inputs, segment_ids, initial_state)
 
 
 def gated_delta_handoff(clean: GatedDeltaInputs, noisy: GatedDeltaInputs, *, segment_ids: jax.Array,
@@ -34,6 +84,20 @@ def gated_delta_handoff(clean: GatedDeltaInputs, noisy: GatedDeltaInputs, *, seg
 
     Returns ``(o_clean, o_noisy)``.
     """
-    o_clean, o_noisy, _ = gated_delta_api.gated_delta_rule_handoff(
-        clean, noisy, block_size=block_size, segment_ids=segment_ids, backend=backend)
-    return o_clean, o_noisy
+    def run(clean, noisy, segment_ids):
+        o_clean, o_noisy, _ = gated_delta_api.gated_delta_rule_handoff(
+            clean, noisy, block_size=block_size, segment_ids=segment_ids, backend=backend)
+        return o_clean, o_noisy
+
+    def specs(b, h):
+        inputs, out = _gated_delta_specs(b, h), P(b, None, h, None)
+        return (inputs, inputs, P(b, None)), (out, out)
+
+    return _per_shard(run, segment_ids.shape[0], (clean.k.shape[2], clean.v.shape[2]), specs)(
+        clean, noisy, segment_ids)
+
+
+def _gated_delta_specs(b, h) -> GatedDeltaInputs:
+    """Specs of ``(q, k, v [B, T, H, D], g, beta [B, T, H])``."""
+    heads = P(b, None, h, None)
+    return GatedDeltaInputs(heads, heads, heads, P(b, None, h), P(b, None, h))

@@ -96,12 +96,6 @@ def run_job(tmp_path_factory, compile_cache):
     return run
 
 
-@pytest.fixture
-def run_distributed(run_job):
-    """Run the ``distributed`` worker as 2 processes (2 host devices each); their results."""
-    return lambda: run_job("distributed", 2, 2)
-
-
 # processes x devices per process, and the meshes run beyond the first job's (which runs all):
 # 4 x 2 only runs fsdp+tensor, the mesh with the most cross-process collectives (CI time).
 LAYOUTS = ((1, 8, "data,fsdp,fsdp_tensor"), (2, 4, "data,fsdp,fsdp_tensor"), (4, 2, "fsdp_tensor"))

@@ -1,16 +1,18 @@
-"""Sharded training on CPU host devices, in subprocesses (each with its own device count):
-several meshes and a 2-process ``jax.distributed`` run give the 1-device losses and parameters."""
+"""Sharded training on CPU host devices, in a subprocess with 4 devices: several meshes give the
+1-device losses and parameters (multi-process ``jax.distributed`` jobs: test_launch.py)."""
 
 import numpy as np
 
 # fp32 everywhere ('highest' matmul precision): sharded runs differ from one device only in the
 # order of reductions (sums split across devices or micro-batches), ~1e-7 relative per op, so the
 # losses agree to 1e-5. Parameters after three AdamW steps (the first at lr 0, warmup): Adam
-# divides by sqrt(v), which turns rounding differences of near-zero gradient entries into update
-# differences; the update is bounded by lr <= 1e-2 per step and we allow 1e-4 absolute (1% of one
-# step; seen: < 1e-5).
+# divides by sqrt(v) + eps, which turns rounding differences of near-zero gradient entries into
+# update differences. At this init the gate parameters of the linear layer (A_log, dt_bias,
+# in_proj_a) have gradients of ~1e-10, pure rounding, so their updates (lr 1e-2 x g / (|g| + 1e-8)
+# ~ 1e-4 per step) take rounding-dependent directions: seen up to 4e-4 on the fsdp+tensor mesh
+# with accumulation; every other entry agrees to < 1e-6. We allow 1e-3 (10% of one lr step).
 LOSS_RTOL = 1e-5
-PARAM_ATOL = 1e-4
+PARAM_ATOL = 1e-3
 
 
 def _assert_same_run(run: dict, reference: dict) -> None:
@@ -25,11 +27,3 @@ def test_meshes_match_one_device(mesh_results):
     # fsdp_tensor_accum2 also accumulates 2 micro-batches: it must equal the full-batch step.
     for name in ("data", "fsdp", "fsdp_tensor_accum2"):
         _assert_same_run(result[name], reference)
-
-
-def test_two_processes_match_one_process(mesh_results, run_distributed):
-    reference = mesh_results["one_device"]
-    processes = run_distributed()
-    for result in processes:
-        assert result["process_count"] == 2 and result["device_count"] == 4
-        _assert_same_run(result, reference)

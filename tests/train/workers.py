@@ -1,12 +1,13 @@
 """Subprocess workers of the training tests (each runs with its own XLA_FLAGS / process id).
 
-Usage: ``python tests/train/workers.py <name> <out.json> [args]``; ``distributed``, ``layouts``
-and ``train_cli`` run in the processes of a ``launch/local.py`` job. Each writes a JSON result
+Usage: ``python tests/train/workers.py <name> <out.json> [args]``; ``layouts`` and ``train_cli``
+run in the processes of a ``launch/local.py`` job. Each writes a JSON result
 the tests compare.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -160,7 +161,8 @@ def run_steps(mesh, batch: dict[str, np.ndarray], steps: int = 3, grad_accum: in
               loss=None, keep_initial: bool = False) -> dict:
     """``steps`` FLARE train steps of the tiny model from its seed-0 init on ``batch`` (this
     process's rows); ``loss`` overrides the config's loss balance."""
-    from flare_jax.train.step import init_params, init_state
+    from flare_jax.train.init import init_params
+    from flare_jax.train.step import init_state
 
     training = tiny_training(loss, grad_accum)
     model_config, tx, _ = training
@@ -195,22 +197,127 @@ def meshes(out: Path) -> dict:
         return {name: future.result() for name, future in futures.items()}
 
 
+# The tiny config's model with a mixture of experts in both layers (4 experts, top-2) and a router
+# loss weight large enough to move the parameters visibly.
+TINY_MOE_FIELDS = dict(model_type="qwen3_5_moe_text", num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=16, shared_expert_intermediate_size=16)
+ROUTER_WEIGHT = 0.05
+
+
+def moe_run(mesh, batch: dict[str, np.ndarray], steps: int, router_weight: float = ROUTER_WEIGHT,
+            grad_accum: int = 1) -> dict:
+    """``steps`` FLARE train steps of the tiny MoE model from its seed-0 init with plain SGD at
+    learning rate 1 (an update is minus the gradient): every step's metrics, the first step's
+    gradients and the initial and final parameters (nested numpy trees)."""
+    import optax
+
+    from flare_jax.config import ModelConfig
+    from flare_jax.train.init import init_params
+    from flare_jax.train.sharding import global_batch
+    from flare_jax.train.step import (
+        ModelBinder,
+        init_state,
+        make_train_step,
+        state_shardings,
+    )
+
+    _, _, step_cfg = tiny_training(grad_accum=grad_accum)
+    step_cfg = dataclasses.replace(step_cfg, loss=dataclasses.replace(
+        step_cfg.loss, router_aux_weight=router_weight))
+    model_config = ModelConfig.from_dict({**tiny_training()[0].to_dict(), **TINY_MOE_FIELDS})
+    tx = optax.sgd(1.0)
+    params = init_params(model_config, 0, mesh)
+    host = {"initial": jax.tree.map(np.asarray, params)}
+    step_fn = make_train_step(ModelBinder(model_config, jnp.float32, "reference"), tx, step_cfg,
+                              mesh, state_shardings(tx, params, mesh), seed=0)
+    state, metrics = init_state(tx, params, mesh), []
+    for _ in range(steps):
+        state, step_metrics = step_fn(state, global_batch(batch, mesh))
+        metrics.append({k: float(v) for k, v in step_metrics.items()})
+        if "gradients" not in host:
+            host["gradients"] = jax.tree.map(lambda a, b: a - np.asarray(b), host["initial"],
+                                             state.params)
+    host["final"] = jax.tree.map(np.asarray, state.params)
+    return {"metrics": metrics, "model_config": model_config, "step_config": step_cfg, **host,
+            "expert_spec": str(state.params["layers"]["0"]["mlp"]["experts"]["up_proj"]
+                               .sharding.spec)}
+
+
+def reference_gradients(run: dict, batch: dict[str, np.ndarray]) -> tuple:
+    """The FLARE loss ``ce`` and the model-level load-balancing loss ``aux`` (loss tokens of both
+    streams) at a :func:`moe_run`'s initial parameters on its first step's noised batch, and
+    ``jax.grad`` of ``ce + w * aux`` at ``w = 0`` and :data:`ROUTER_WEIGHT` (one program):
+    ``(ce, aux, grads at 0, grads at ROUTER_WEIGHT)``."""
+    from flare_jax.layout import FlareLayout
+    from flare_jax.model.moe import load_balancing_loss
+    from flare_jax.objective import add_noise, flare_loss
+    from flare_jax.train.step import ModelBinder
+
+    cfg = run["step_config"]
+    tokens, segment_ids = jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"])
+    loss_mask = jnp.asarray(batch["loss_mask"])
+    layout = FlareLayout.from_segments(segment_ids, cfg.block_size)
+    noisy, noise_mask, rate = add_noise(jax.random.fold_in(jax.random.key(0), 0), tokens, layout,
+                                        loss_mask, cfg.noise)
+    binder = ModelBinder(run["model_config"], jnp.float32, "reference")
+
+    def objective(params, weight):
+        clean, noised, stats = binder(params).flare(tokens, noisy, layout, token_mask=loss_mask,
+                                                    with_router_stats=True)
+        ce, _ = flare_loss(clean, noised, tokens, noise_mask, loss_mask, segment_ids, rate,
+                           cfg.loss)
+        aux = load_balancing_loss(stats)
+        return ce + weight * aux, (ce, aux)
+
+    grad_fn = jax.jit(jax.grad(objective, has_aux=True))
+    plain, (ce, aux) = grad_fn(run["initial"], 0.0)
+    weighted, _ = grad_fn(run["initial"], ROUTER_WEIGHT)
+    return float(ce), float(aux), plain, weighted
+
+
+def moe_meshes(out: Path) -> dict:
+    """The tiny MoE model (4 devices, SGD): 3 FLARE steps on 1 device and on a (fsdp 2, expert 2)
+    mesh; one step with 2 accumulated micro-batches; one step at router weight 0; the gradients
+    of the plain loss and of the router loss computed directly (:func:`reference_gradients`)."""
+    from flare_jax.train.mesh import make_mesh
+
+    batch = fixed_batch(4, 32, 64)
+    one = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    jobs = {
+        "one_device": lambda: moe_run(one, batch, steps=3),
+        "expert_fsdp": lambda: moe_run(make_mesh(1, 2, 1, expert=2), batch, steps=3),
+        "accum2": lambda: moe_run(one, batch, steps=1, grad_accum=2),
+        "weight0": lambda: moe_run(one, batch, steps=1, router_weight=0.0),
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(job) for name, job in jobs.items()}
+        runs = {name: future.result() for name, future in futures.items()}
+    ce, aux, ce_grads, expected = reference_gradients(runs["one_device"], batch)
+
+    def router(tree) -> np.ndarray:
+        return np.stack([np.asarray(tree["layers"][i]["mlp"]["gate"]["kernel"]) for i in "01"])
+
+    def gap(a, b) -> float:
+        return float(np.abs(flat_params(a) - flat_params(b)).max())
+
+    one_run = runs["one_device"]
+    return {
+        **{name: {"metrics": run["metrics"], "params": flat_params(run["final"]).tolist(),
+                  "expert_spec": run["expert_spec"]} for name, run in runs.items()},
+        "reference": {"ce": ce, "aux": aux, "grad_scale": float(np.abs(flat_params(ce_grads)).max()),
+                      "weight0_vs_ce": gap(runs["weight0"]["gradients"], ce_grads),
+                      "weighted_vs_expected": gap(one_run["gradients"], expected),
+                      "accum2_vs_full": gap(runs["accum2"]["gradients"], one_run["gradients"]),
+                      "router_effect": float(np.abs(router(one_run["gradients"])
+                                                    - router(runs["weight0"]["gradients"])).max())},
+    }
+
+
 def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This process's consecutive share of the global batch rows."""
     rows = len(batch["tokens"]) // jax.process_count()
     part = slice(rows * jax.process_index(), rows * (jax.process_index() + 1))
     return {k: v[part] for k, v in batch.items()}
-
-
-def distributed(out: Path) -> dict:
-    """A process of a ``launch/local.py`` job (2 x 2 host devices) on its half of the batch."""
-    from flare_jax.train.mesh import initialize_distributed, make_mesh
-
-    initialize_distributed()
-    result = run_steps(make_mesh(-1, 1, 1), local_rows(fixed_batch(4, 32, 64)))
-    result["process_count"] = jax.process_count()
-    result["device_count"] = jax.device_count()
-    return result
 
 
 # The meshes of the process-layout runs (data, fsdp, tensor) over 8 devices.
@@ -261,8 +368,9 @@ def layouts(out: Path, shared: Path, meshes: Path | None = None) -> dict:
     saves the fsdp run's final state (step 3) and numpy copies of the states; the others compare
     their final states with those and restore the saved step onto their fsdp+tensor mesh."""
     from flare_jax.train.checkpointing import Checkpointer
+    from flare_jax.train.init import init_params
     from flare_jax.train.mesh import initialize_distributed, make_mesh
-    from flare_jax.train.step import init_params, init_state
+    from flare_jax.train.step import init_state
 
     initialize_distributed()
     training = tiny_training()
@@ -361,10 +469,10 @@ if __name__ == "__main__":
     name, out_path = sys.argv[1], Path(sys.argv[2])
     if name == "train_cli":
         train_cli(out_path, *map(int, sys.argv[3:6]), *sys.argv[6:])
-    workers = {"loop": loop, "meshes": meshes, "distributed": distributed, "layouts": layouts,
-               "restore": restore}
+    workers = {"loop": loop, "meshes": meshes, "layouts": layouts,
+               "restore": restore, "moe_meshes": moe_meshes}
     extra = [Path(a) for a in sys.argv[3:]]
     result = workers[name](out_path, *extra)
-    if name in ("distributed", "layouts"):  # one result per process
+    if name == "layouts":  # one result per process
         out_path = out_path.with_name(f"{out_path.stem}_{jax.process_index()}.json")
     out_path.write_text(json.dumps(result))

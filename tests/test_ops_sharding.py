@@ -1,0 +1,81 @@
+"""Kernels under a mesh (flare_jax/ops.py): each op runs per shard through ``shard_map`` (rows over
+the batch axes, heads over ``tensor`` where they divide) and gives the unsharded values and
+gradients. Run in a subprocess with 4 CPU devices."""
+
+import json
+import sys
+from pathlib import Path
+
+from host_devices import run_with_devices
+
+# fp32 with 'highest' matmuls: per-shard runs differ from one device only in summation order.
+RTOL = 1e-6
+MESHES = {"fsdp2_tensor2": (1, 2, 2), "data4": (4, 1, 1), "tensor4": (1, 1, 4)}
+
+
+def worker(out: Path) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from flare_jax import ops
+    from flare_jax.train.mesh import make_mesh
+    from pallas_kernels.block_attention.mask import TokenLayout
+    from pallas_kernels.gated_delta.api import GatedDeltaInputs
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    batch, length, heads, dim = 4, 16, 4, 8
+    keys = iter(jax.random.split(jax.random.key(0), 16))
+
+    def normal(shape):
+        return jax.random.normal(next(keys), shape)
+
+    def unit(x):
+        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+    def stream():  # two key heads shared by four value heads
+        return GatedDeltaInputs(unit(normal((batch, length, 2, dim))),
+                                unit(normal((batch, length, 2, dim))),
+                                normal((batch, length, heads, dim)),
+                                -jax.nn.softplus(normal((batch, length, heads))),
+                                jax.nn.sigmoid(normal((batch, length, heads))))
+
+    segments = jnp.asarray([[1] * 16, [1] * 10 + [2] * 6, [3] * 16, [1] * 4 + [2] * 12], jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(length), segments.shape)
+    layout = TokenLayout.causal(segments, positions)
+    args = (stream(), stream(), normal((batch, length, heads, dim)),
+            normal((batch, length, 2, dim)), normal((batch, length, 2, dim)))
+
+    def loss(clean, noisy, q, k, v):
+        o, state = ops.gated_delta(clean, segment_ids=segments)
+        o_clean, o_noisy = ops.gated_delta_handoff(clean, noisy, segment_ids=segments,
+                                                   block_size=4)
+        attended = ops.attention(q, k, v, layout, layout)
+        return (jnp.sum(o * jnp.cos(o)) + jnp.sum(state ** 2) + jnp.sum(o_clean * o_noisy)
+                + jnp.sum(attended * jnp.sin(attended)))
+
+    grad = jax.value_and_grad(loss, argnums=range(5))
+    reference = jax.tree.leaves(jax.jit(grad)(*args))
+    result = {"no_mesh_shard_maps": str(jax.make_jaxpr(loss)(*args)).count("shard_map")}
+    for name, shape in MESHES.items():
+        with jax.set_mesh(make_mesh(*shape)):
+            shard_maps = str(jax.make_jaxpr(loss)(*args)).count("shard_map")
+            got = jax.tree.leaves(jax.jit(grad)(*args))
+        errors = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                  for a, b in zip(got, reference, strict=True)]
+        result[name] = {"shard_maps": shard_maps, "max_rel_error": max(errors)}
+    out.write_text(json.dumps(result))
+
+
+def test_ops_run_per_shard_and_match_one_device(tmp_path):
+    result = run_with_devices(__file__, 4, tmp_path / "result.json")
+    assert result["no_mesh_shard_maps"] == 0
+    # batch split (and heads over tensor): one shard_map per op
+    assert result["fsdp2_tensor2"]["shard_maps"] == 3 and result["data4"]["shard_maps"] == 3
+    # two key / kv heads do not split four ways and there is no batch axis: ops run unsharded
+    assert result["tensor4"]["shard_maps"] == 0
+    for name in MESHES:
+        assert result[name]["max_rel_error"] <= RTOL, (name, result[name])
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
