@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from host_devices import run_with_devices
 from safetensors.torch import load_file
 from tiny_models import TINY_MOE, TINY_NEXT, build_hf_moe_model, vlm_from_text
 
@@ -268,16 +267,7 @@ def expert_parallel_worker(out: Path) -> None:
 def test_expert_parallel_equals_one_device(tmp_path):
     """Experts sharded over an ``expert`` mesh axis (4 CPU devices, in a subprocess): same loss
     and gradients as one device within 1e-6 (fp32; only reduction order differs)."""
-    out = tmp_path / "result.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",  # cheaper XLA CPU optimisation: faster compile
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
-                        "--xla_backend_optimization_level=0",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
-                                          str(Path(__file__).parents[1])])}
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(out.read_text())
+    result = run_with_devices(__file__, 4, tmp_path / "result.json")
     assert result["loss_diff"] <= 1e-6 and result["grad_diff"] <= 1e-6
     assert result["expert_spec"] == "P('expert', None, 'fsdp')"
     assert result["grad_spec"].startswith("P('expert', 'fsdp'")
