@@ -72,15 +72,15 @@ def test_verified_counts_forward_passes(samplers):
     (dict(threshold=1.0), 8),          # nothing passes: one token per step
 ])
 def test_diffusion_schedule_sets_passes(samplers, kwargs, steps):
-    """Prefill, then per block its denoising steps, the commit pass making the next block's first
-    step: 1 + (steps + 1) + (blocks - 1) * steps passes."""
+    """The prefill makes the first block's first step and each commit pass the next block's:
+    1 + blocks * steps passes."""
     sampler = samplers[0]
     results = sampler.generate(prompts(2), mode="diffusion", max_new_tokens=16, block_size=8,
                                stop_token_ids=[], **kwargs)
     for result in results:
         assert len(result.tokens) == 16
         assert MASK_ID not in result.tokens
-        assert result.forward_passes == 2 + 2 * steps
+        assert result.forward_passes == 1 + 2 * steps
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "blocks", "cache_length"))
@@ -112,7 +112,7 @@ def denoise_then_append(graphdef, state, batch_arrays, threshold, *, schedule, b
 ])
 def test_fused_diffusion_equals_denoise_then_append(samplers, which, schedule, threshold):
     """Greedy, batched prompts of different lengths: the same tokens as the unfused reference, and
-    one forward pass fewer for every block after the first."""
+    one forward pass fewer for every block."""
     sampler, blocks = samplers[which], 3
     batch = prompts(10 + which)
     fused = sampler.generate(batch, mode="diffusion", max_new_tokens=blocks * 4,
@@ -127,7 +127,7 @@ def test_fused_diffusion_equals_denoise_then_append(samplers, which, schedule, t
                                          blocks=blocks, cache_length=64)
     for row, result in enumerate(fused):
         assert result.tokens == np.asarray(tokens[row]).tolist()
-        assert result.forward_passes == int(passes[row]) - (blocks - 1)
+        assert result.forward_passes == int(passes[row]) - blocks
     if not schedule.steps_per_block:  # between 1 and 4 steps a block: the threshold decided
         assert all(1 + 2 * blocks < int(p) < 1 + 5 * blocks for p in passes)
 

@@ -18,8 +18,7 @@ from flax import nnx
 from flare_jax.model.cache import DecodeCache, init_cache
 from flare_jax.sampling.batch import PromptBatch, bucket
 from flare_jax.sampling.denoising import Draft
-from flare_jax.sampling.prefill import prefill
-from flare_jax.sampling.rounds import DecodeSettings, Round, decode_round
+from flare_jax.sampling.rounds import DecodeSettings, Round, decode_round, start
 from flare_jax.sampling.sampler import LENGTH_BUCKET, GenerationResult, Sampler
 
 TokenCallback = Callable[[int, list[int]], None]
@@ -36,19 +35,20 @@ class _Request:
     started: float = 0.0
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length", "settings"),
                    donate_argnums=(2, 3, 4))
 def _prefill_slot(graphdef: nnx.GraphDef, state: nnx.State, cache: DecodeCache,
                   last_logits: jax.Array, draft: Draft, slot: jax.Array, tokens: jax.Array,
-                  segment_ids: jax.Array, positions: jax.Array, *, cache_length: int
+                  segment_ids: jax.Array, positions: jax.Array, rng: jax.Array, *,
+                  cache_length: int, settings: DecodeSettings
                   ) -> tuple[DecodeCache, jax.Array, Draft]:
-    """Prefill one prompt ``[1, P]`` into a fresh row and place it at ``slot`` of the batch (the
-    slot's old draft is dropped)."""
-    logits, row = prefill(nnx.merge(graphdef, state), tokens, segment_ids, positions, cache_length)
+    """Prefill one prompt ``[1, P]`` into a fresh row and place it (its cache, logits and first
+    draft) at ``slot`` of the batch."""
+    logits, row, row_draft = start(nnx.merge(graphdef, state), tokens, segment_ids, positions,
+                                   cache_length, rng, settings)
     place = functools.partial(jax.lax.dynamic_update_index_in_dim, index=slot, axis=0)
-    cache = jax.tree.map(lambda full, one: place(full, one[0]), cache, row)
-    return (cache, place(last_logits, logits[0]),
-            draft._replace(valid=draft.valid.at[slot].set(False)))
+    return jax.tree.map(lambda full, one: place(full, one[0]), (cache, last_logits, draft),
+                        (row, logits, row_draft))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings"), donate_argnums=(2, 3, 4))
@@ -123,10 +123,12 @@ class Engine:
                     request.started = time.perf_counter()
                     batch = PromptBatch.left_padded([request.prompt], pad_id=config.pad_token_id or 0,
                                                     multiple=LENGTH_BUCKET)
+                    self._rng, start_rng = jax.random.split(self._rng)
                     cache, last_logits, draft = _prefill_slot(
                         graphdef, state, cache, last_logits, draft, jnp.int32(slot),
                         jnp.asarray(batch.tokens), jnp.asarray(batch.segment_ids),
-                        jnp.asarray(batch.positions), cache_length=self.max_length)
+                        jnp.asarray(batch.positions), start_rng, cache_length=self.max_length,
+                        settings=self.settings)
                     next_position[slot] = len(request.prompt)
                     running[slot] = request
             active = np.array([r is not None for r in running])

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flare_jax.model.cache import write_rows
-from flare_jax.sampling.denoising import Draft
-from flare_jax.sampling.prefill import first_eos, prefill
-from flare_jax.sampling.rounds import DecodeSettings, decode_round
+from flare_jax.sampling.prefill import first_eos
+from flare_jax.sampling.rounds import DecodeSettings, decode_round, start
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings", "max_new_tokens",
@@ -26,7 +25,9 @@ def generate_batch(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
     forward_passes [B])``; a row's tokens end at its first stop token (kept) or at the budget."""
     model = nnx.merge(graphdef, state)
     batch = tokens.shape[0]
-    last_logits, cache = prefill(model, tokens, segment_ids, positions, cache_length)
+    rng, start_rng = jax.random.split(rng)
+    last_logits, cache, draft = start(model, tokens, segment_ids, positions, cache_length,
+                                      start_rng, settings)
 
     def cond(carry):
         return ~jnp.all(carry[4])
@@ -46,7 +47,6 @@ def generate_batch(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
 
     out = jnp.zeros((batch, max_new_tokens + settings.tokens_per_round), jnp.int32)
     zeros = jnp.zeros((batch,), jnp.int32)
-    draft = Draft.empty(batch, settings.tokens_per_round)
     carry = (cache, last_logits, draft, out, jnp.zeros((batch,), bool), zeros, zeros + 1, rng)
     _, _, _, out, _, num_new, passes, _ = jax.lax.while_loop(cond, body, carry)
     return out, num_new, passes

@@ -8,9 +8,9 @@ all three.
 
 Diffusion fuses each block's causal commit with the first denoising step of the next block: one
 pass over ``[block k clean ; block k + 1 all masks]`` (:meth:`HybridLM.append_then_denoise`), so a
-block of ``s`` denoising steps costs ``s`` passes, not ``s + 1`` (the first block of a request,
-which has no draft yet, costs ``s + 1``). The tokens are those of denoising each block against the
-committed cache and then appending it.
+block of ``s`` denoising steps costs ``s`` passes, not ``s + 1``; the prefill makes the first
+block's first step the same way (:func:`start`). The tokens are those of denoising each block
+against the committed cache and then appending it.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from flare_jax.model.cache import DecodeCache
+from flare_jax.model.cache import DecodeCache, init_cache
 from flare_jax.model.hybrid import HybridLM
 from flare_jax.sampling.batch import PROMPT_SEGMENT
 from flare_jax.sampling.denoising import DenoiseSchedule, Draft, denoise_block, propose
+from flare_jax.sampling.prefill import prefill
 from flare_jax.sampling.token_selection import SamplingParams, select_tokens
 
 MODES = ("ar", "verified", "diffusion")
@@ -74,6 +75,28 @@ def accepted_length(draft: jax.Array, causal: jax.Array) -> jax.Array:
     causal model's own token, so at least one token is always kept)."""
     match = (draft[:, 1:] == causal[:, :-1]).astype(jnp.int32)
     return 1 + jnp.sum(jnp.cumprod(match, axis=1), axis=1)
+
+
+def start(model: HybridLM, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+          cache_length: int, rng: jax.Array, settings: DecodeSettings
+          ) -> tuple[jax.Array, DecodeCache, Draft]:
+    """The causal prefill of left-padded prompts ``[B, P]`` into a fresh cache: the causal logits
+    of each row's first new token, the cache and the first round's draft. Diffusion makes its
+    first block's first denoising step in the same pass (the prompt then a block of masks);
+    the other modes return an empty draft."""
+    batch, size = tokens.shape[0], settings.tokens_per_round
+    if settings.mode != "diffusion":
+        last_logits, cache = prefill(model, tokens, segment_ids, positions, cache_length)
+        return last_logits, cache, Draft.empty(batch, size)
+    cache = init_cache(model.config, batch, cache_length, model.dtype)
+    masks = jnp.full((batch, size), settings.mask_id, jnp.int32)
+    block_positions = positions[:, -1:] + 1 + jnp.arange(size)[None, :]
+    logits, noisy_logits, cache = model.append_then_denoise(tokens, segment_ids, positions, masks,
+                                                            block_positions, cache)
+    last_logits = logits[:, -1]
+    draft = Draft(*propose(noisy_logits, last_logits, settings.schedule, settings.params, rng),
+                  valid=jnp.ones((batch,), bool))
+    return last_logits, cache, draft
 
 
 def decode_round(model: HybridLM, cache: DecodeCache, last_logits: jax.Array, draft: Draft,
