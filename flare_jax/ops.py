@@ -18,6 +18,7 @@ from pallas_kernels.block_attention import api as attention_api
 from pallas_kernels.block_attention.mask import TokenLayout
 from pallas_kernels.gated_delta import api as gated_delta_api
 from pallas_kernels.gated_delta.api import GatedDeltaInputs
+from pallas_kernels.grouped_matmul import api as grouped_matmul_api
 
 BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch
 HEAD_AXES = ("tensor",)  # mesh axes that split attention and linear-attention heads
@@ -61,13 +62,27 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
         q, k, v, q_layout, kv_layout)
 
 
+MAX_CHUNK = 64
+MIN_CHUNK = 16  # the GPU kernels' smallest tile
+
+
+def chunk_for_length(length: int) -> int:
+    """Chunk of the gated delta scan for ``length`` tokens: 64, or the smallest power of two
+    (at least 16) holding a shorter call whole, so that a decoding pass over a few tokens does not
+    prepare a chunk of 64 that is mostly padding."""
+    return min(MAX_CHUNK, max(MIN_CHUNK, 1 << max(length - 1, 0).bit_length()))
+
+
 def gated_delta(inputs: GatedDeltaInputs, *, segment_ids: jax.Array,
                 initial_state: jax.Array | None = None, backend: str = "auto"
                 ) -> tuple[jax.Array, jax.Array]:
     """Gated delta rule over one stream with document resets; returns ``(o, final_state)``."""
+    chunk = chunk_for_length(segment_ids.shape[1])
+
     def run(inputs, segment_ids, initial_state):
         return gated_delta_api.gated_delta_rule(*inputs, segment_ids=segment_ids,
-                                                initial_state=initial_state, backend=backend)
+                                                initial_state=initial_state, chunk_size=chunk,
+                                                backend=backend)
 
     def specs(b, h):
         state = P(b, h, None, None)
@@ -101,3 +116,15 @@ def _gated_delta_specs(b, h) -> GatedDeltaInputs:
     """Specs of ``(q, k, v [B, T, H, D], g, beta [B, T, H])``."""
     heads = P(b, None, h, None)
     return GatedDeltaInputs(heads, heads, heads, P(b, None, h), P(b, None, h))
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
+                   precision: jax.lax.PrecisionLike = None, backend: str = "auto") -> jax.Array:
+    """Expert matmul over rows sorted by expert (``jax.lax.ragged_dot`` semantics, fp32 result).
+
+    Not split per shard: the rows are every token's copies, sorted globally, and the experts'
+    weights are read whole (under an ``expert`` mesh axis XLA partitions ``ragged_dot`` on CPU/TPU;
+    the GPU kernel is given the gathered operands).
+    """
+    return grouped_matmul_api.grouped_matmul(x, w, group_sizes, precision=precision,
+                                             backend=backend)

@@ -52,7 +52,7 @@ class DecoderLayer(nnx.Module):
             self.self_attn = GatedAttention(config, backend=backend, **kw)
         else:
             self.linear_attn = GatedDeltaNet(config, backend=backend, **kw)
-        self.mlp = (SparseMoE(config, **kw) if config.is_moe_layer(index) else
+        self.mlp = (SparseMoE(config, backend=backend, **kw) if config.is_moe_layer(index) else
                     SwiGLU(config.hidden_size, config.intermediate_size, **kw))
         self.num_experts = config.num_experts  # width of the router statistics (0: dense model)
 
@@ -117,11 +117,20 @@ class HybridLM(nnx.Module):
     def _embed(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
 
+    def head_weight(self) -> tuple[jax.Array, bool]:
+        """The LM head's weight (parameter dtype) and whether it is vocabulary-major: the tied
+        embedding ``[V, hidden]`` (True) or the head kernel ``[hidden, V]`` (False)."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens[...], True
+        return self.lm_head.kernel[...], False
+
+    def _final_hidden(self, h: jax.Array) -> jax.Array:
+        return self.norm(h).astype(self.dtype)
+
     def _logits(self, h: jax.Array) -> jax.Array:
-        h = self.norm(h).astype(self.dtype)
-        tied = self.config.tie_word_embeddings
-        head = self.embed_tokens[...].T if tied else self.lm_head.kernel[...]
-        return jnp.einsum("...i,iv->...v", h, head.astype(self.dtype),
+        weight, vocab_major = self.head_weight()
+        head = weight.T if vocab_major else weight
+        return jnp.einsum("...i,iv->...v", self._final_hidden(h), head.astype(self.dtype),
                           preferred_element_type=jnp.float32, precision=matmul_precision(self.dtype))
 
     def _run_causal(self, tokens: jax.Array, segment_ids: jax.Array, plan: _CallPlan,
@@ -138,7 +147,7 @@ class HybridLM(nnx.Module):
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: DecodeCache | None = None, *,
                  scan_layers: bool = False, token_mask: jax.Array | None = None,
-                 with_router_stats: bool = False) -> tuple:
+                 with_router_stats: bool = False, normed_hidden: bool = False) -> tuple:
         """Causal mode. ``tokens [B, T]``; documents marked by ``segment_ids`` (default: one per
         row); ``positions`` default to positions inside each document, and are required with a cache.
         Without a cache, ``scan_layers`` runs repeated layer groups in one ``lax.scan`` (see
@@ -147,6 +156,9 @@ class HybridLM(nnx.Module):
         router statistics summed over the layers, counting the tokens where ``token_mask [B, T]``
         is True (all by default; None for a dense model):
         :func:`~flare_jax.model.moe.load_balancing_loss` of them is HF's auxiliary loss.
+        ``normed_hidden`` (no cache) returns the final-normed hidden states ``[B, T, hidden]``
+        (compute dtype) in place of the logits, for a loss that applies :meth:`head_weight`
+        itself (the chunked cross-entropy of training).
 
         With a cache the tokens follow it (written at each row's ``length``) and the updated cache
         is returned. A row whose first new token has the segment id of the cache's last token
@@ -171,7 +183,7 @@ class HybridLM(nnx.Module):
 
         h, stats = run_layers(self.layers, self._embed(tokens), apply, scan=scan_layers,
                               aux=RouterStats.zeros(self.config.num_experts) if collect else None)
-        logits = self._logits(h)
+        logits = self._final_hidden(h) if normed_hidden else self._logits(h)
         return (logits, None, stats) if with_router_stats else (logits, None)
 
     def append(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
@@ -252,7 +264,7 @@ class HybridLM(nnx.Module):
     def flare(self, clean: jax.Array, noisy: jax.Array, layout: FlareLayout, *,
               remat: bool = False, constrain: Callable[[jax.Array], jax.Array] | None = None,
               scan_layers: bool = False, token_mask: jax.Array | None = None,
-              with_router_stats: bool = False) -> tuple:
+              with_router_stats: bool = False, normed_hidden: bool = False) -> tuple:
         """FLARE training mode: the clean row and its noised copy ``[B, L]`` in one pass.
 
         ``remat`` recomputes each decoder layer in the backward pass instead of storing its
@@ -263,7 +275,8 @@ class HybridLM(nnx.Module):
         Returns ``(clean_logits, noisy_logits)``, each ``[B, L, V]``; with ``with_router_stats``
         also the MoE router statistics summed over the layers and BOTH streams, counting the
         positions where ``token_mask [B, L]`` is True in the clean and in the noisy stream (all by
-        default; None for a dense model), see :meth:`__call__`.
+        default; None for a dense model), see :meth:`__call__`. ``normed_hidden`` returns the
+        final-normed hidden states ``[B, L, hidden]`` of each stream instead of the logits.
         """
         keep = constrain if constrain is not None else (lambda x: x)
         both = None if token_mask is None else jnp.concatenate([token_mask, token_mask], axis=1)
@@ -276,6 +289,7 @@ class HybridLM(nnx.Module):
         h = keep(self._embed(jnp.concatenate([clean, noisy], axis=1)))
         h, stats = run_layers(self.layers, h, apply, scan=scan_layers, remat=remat,
                               aux=RouterStats.zeros(self.config.num_experts) if collect else None)
-        clean_logits, noisy_logits = jnp.split(self._logits(h), 2, axis=1)
+        out = self._final_hidden(h) if normed_hidden else self._logits(h)
+        clean_logits, noisy_logits = jnp.split(out, 2, axis=1)
         return ((clean_logits, noisy_logits, stats) if with_router_stats
                 else (clean_logits, noisy_logits))

@@ -1,7 +1,8 @@
 """Sparse mixture-of-experts MLP of Qwen3-Next / Qwen3.5-MoE: softmax router, top-k routed SwiGLU
 experts and a shared SwiGLU expert scaled by a sigmoid gate.
 
-The routed experts run as grouped matmuls (``jax.lax.ragged_dot``) over the token copies sorted by
+The routed experts run as grouped matmuls (:func:`flare_jax.ops.grouped_matmul`: ``ragged_dot``, a
+Pallas kernel on the GPU) over the token copies sorted by
 expert: each token is repeated ``k`` times, the copies are ordered by expert id, and expert ``e``
 multiplies the contiguous run of its copies by its own weights. Operands are in the compute dtype,
 accumulation in fp32. :meth:`SparseMoE.dense_reference` evaluates every expert on every token and
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flare_jax import ops
 from flare_jax.config import ModelConfig
 from flare_jax.model.layers import Dense, Dtype, SwiGLU, matmul_precision
 
@@ -80,8 +82,9 @@ class Experts(nnx.Module):
     ``down_proj [E, I, hidden]``."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype: Dtype,
-                 param_dtype: Dtype, rngs: nnx.Rngs):
+                 param_dtype: Dtype, rngs: nnx.Rngs, backend: str = "auto"):
         self.dtype = dtype
+        self.backend = backend
 
         def init(shape: tuple[int, ...]) -> nnx.Param:
             return nnx.Param(0.02 * jax.random.normal(rngs.params(), shape, param_dtype))
@@ -107,8 +110,8 @@ class Experts(nnx.Module):
         prec = matmul_precision(self.dtype)
 
         def mm(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-            return jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=prec,
-                                      preferred_element_type=jnp.float32)
+            return ops.grouped_matmul(lhs, rhs, group_sizes, precision=prec,
+                                      backend=self.backend)
 
         act = (jax.nn.silu(mm(xs, w_gate)) * mm(xs, w_up)).astype(self.dtype)
         ys = mm(act, w_down)  # [N*k, hidden] fp32, sorted
@@ -136,14 +139,16 @@ class SparseMoE(nnx.Module):
     shared_expert(x)``. Calls return ``(output, router statistics)``; :func:`load_balancing_loss`
     turns the statistics (summed over layers) into the auxiliary loss."""
 
-    def __init__(self, config: ModelConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
+                 backend: str = "auto"):
         c = config
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
         self.top_k = c.num_experts_per_tok
         self.normalize = c.norm_topk_prob
         self.gate = Dense(c.hidden_size, c.num_experts, **kw)
-        self.experts = Experts(c.num_experts, c.hidden_size, c.moe_intermediate_size, **kw)
+        self.experts = Experts(c.num_experts, c.hidden_size, c.moe_intermediate_size, **kw,
+                               backend=backend)
         self.shared_expert = SwiGLU(c.hidden_size, c.shared_expert_intermediate_size, **kw)
         self.shared_expert_gate = Dense(c.hidden_size, 1, **kw)
 
