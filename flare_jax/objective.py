@@ -12,16 +12,24 @@ Loss, over supervised tokens only (log-softmax and sums in fp32):
     then has no predictor and is not supervised); optionally weighted by ``1 / t`` (ELBO weight);
   - total ``(w_ar * sum_ar + w_diff * sum_diff) / (w_ar * n_ar + w_diff * n_diff)``: every
     supervised token of either kind weighs the same; a weight of 0 ablates a term.
+
+The cross-entropies come from full logits, or (training) from the final hidden states through the
+LM head over vocabulary chunks (:func:`head_cross_entropy`), without the ``[B, L, V]`` logits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from flare_jax.layout import FlareLayout
+from flare_jax.vocab_ce import chunked_cross_entropy
+
+# (predictor [B, L, ...], targets [B, L]) -> per-token cross-entropy [B, L] in fp32
+CrossEntropy = Callable[[jax.Array, jax.Array], jax.Array]
 
 _NOISE_PER = ("block", "sequence")
 
@@ -140,42 +148,56 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(logits, axis=-1) - target_logit[..., 0]
 
 
+def head_cross_entropy(weight: jax.Array, vocab_major: bool, chunk_size: int) -> CrossEntropy:
+    """Cross-entropy of final-normed hidden states ``[B, L, hidden]`` through the LM head
+    ``weight`` (see :meth:`~flare_jax.model.hybrid.HybridLM.head_weight`), computed over
+    vocabulary chunks of ``chunk_size`` without materialising the logits
+    (:func:`~flare_jax.vocab_ce.chunked_cross_entropy`)."""
+    def cross_entropy(hidden: jax.Array, targets: jax.Array) -> jax.Array:
+        return chunked_cross_entropy(hidden, weight, targets, vocab_major=vocab_major,
+                                     chunk_size=chunk_size)
+
+    return cross_entropy
+
+
 def flare_loss(
-    clean_logits: jax.Array,
-    noisy_logits: jax.Array,
+    clean: jax.Array,
+    noisy: jax.Array,
     tokens: jax.Array,
     noise_mask: jax.Array,
     loss_mask: jax.Array,
     segment_ids: jax.Array,
     t_per_token: jax.Array,
     cfg: LossConfig,
+    cross_entropy: CrossEntropy = token_cross_entropy,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Token-balanced FLARE loss and its metrics.
 
-    Shapes: logits ``[B, L, V]`` (any float dtype), the rest ``[B, L]``. Metrics: ``loss``,
+    ``clean`` / ``noisy`` are what ``cross_entropy`` scores against the target tokens: logits
+    ``[B, L, V]`` (any float dtype) by default, or final-normed hidden states ``[B, L, hidden]``
+    with :func:`head_cross_entropy`; the rest is ``[B, L]``. Metrics: ``loss``,
     ``ar_loss`` / ``diffusion_loss`` (mean cross-entropy per supervised token, unweighted),
     ``ar_tokens`` / ``diffusion_tokens`` (counts), and with ``elbo_weighting`` also
     ``diffusion_elbo_loss`` (mean of the ``1 / t``-weighted cross-entropy).
     """
     _check_shapes(
         tokens=tokens, noise_mask=noise_mask, loss_mask=loss_mask, segment_ids=segment_ids,
-        t_per_token=t_per_token, clean_logits=clean_logits[..., 0],
-        noisy_logits=noisy_logits[..., 0],
+        t_per_token=t_per_token, clean=clean[..., 0], noisy=noisy[..., 0],
     )
     loss_mask = loss_mask.astype(bool)
     same_doc_next = segment_ids[:, :-1] == segment_ids[:, 1:]
 
     ar_valid = same_doc_next & loss_mask[:, 1:]
-    ar_ce = token_cross_entropy(clean_logits[:, :-1], tokens[:, 1:])
+    ar_ce = cross_entropy(clean[:, :-1], tokens[:, 1:])
 
     masked = noise_mask.astype(bool) & loss_mask
     if cfg.logit_shift:
         diff_valid = same_doc_next & masked[:, 1:]
-        diff_ce = token_cross_entropy(noisy_logits[:, :-1], tokens[:, 1:])
+        diff_ce = cross_entropy(noisy[:, :-1], tokens[:, 1:])
         t = t_per_token[:, 1:]
     else:
         diff_valid = masked
-        diff_ce = token_cross_entropy(noisy_logits, tokens)
+        diff_ce = cross_entropy(noisy, tokens)
         t = t_per_token
     diff_weighted = diff_ce / t.astype(jnp.float32) if cfg.elbo_weighting else diff_ce
 

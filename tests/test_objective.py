@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from flare_jax.layout import FlareLayout
-from flare_jax.objective import LossConfig, NoiseConfig, add_noise, flare_loss, noise_rates
+from flare_jax.objective import (
+    LossConfig,
+    NoiseConfig,
+    add_noise,
+    flare_loss,
+    head_cross_entropy,
+    noise_rates,
+    token_cross_entropy,
+)
+from flare_jax.vocab_ce import chunked_cross_entropy
 
 # fp32 everywhere below: values are compared with float64 numpy at rtol 1e-5 (a few fp32 ulps of
 # accumulated rounding over at most a few hundred terms; a wrong term changes the result by >1e-2).
@@ -191,3 +200,71 @@ def test_shape_mismatch_is_reported():
             jnp.asarray(CLEAN), jnp.asarray(NOISY), jnp.asarray(TOKENS), jnp.ones((1, 3), bool),
             jnp.asarray(LOSS_MASK), jnp.asarray(SEGMENTS), jnp.asarray(T), LossConfig(),
         )
+
+
+# Chunked-vocabulary cross-entropy (flare_jax.vocab_ce) against the full-logits path, fp32 with
+# full-precision matmuls: the chunked logsumexp adds the exponentials in another order and rescales
+# them per chunk, so values and gradients differ by a few fp32 ulps of O(1-10) numbers (seen:
+# 3e-6); a column counted twice or missed at a chunk boundary changes them by more than 1e-2.
+CE_ATOL = 1e-5
+N_TOKENS, HIDDEN, VOCAB = 37, 16, 103  # 103 = 3 x 32 + 7: the last chunk of 32 overlaps
+
+
+def _head_case(vocab_major: bool):
+    rng = np.random.default_rng(3)
+    hidden = jnp.asarray(rng.normal(size=(N_TOKENS, HIDDEN)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(VOCAB, HIDDEN) if vocab_major else (HIDDEN, VOCAB)),
+                         jnp.float32)
+    targets = jnp.asarray(rng.integers(0, VOCAB, N_TOKENS), jnp.int32)
+    cotangent = jnp.asarray(rng.normal(size=N_TOKENS), jnp.float32)
+    return hidden, weight, targets, cotangent
+
+
+def _dense_logits(hidden, weight, vocab_major):
+    head = weight.T if vocab_major else weight
+    return jnp.einsum("...h,hv->...v", hidden, head, precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("vocab_major", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("chunk", [32, 256])  # 256 > V: a single chunk of the whole vocabulary
+def test_chunked_cross_entropy_equals_dense(vocab_major, chunk):
+    hidden, weight, targets, cotangent = _head_case(vocab_major)
+
+    def dense(h, w):
+        return token_cross_entropy(_dense_logits(h, w, vocab_major), targets)
+
+    def chunked(h, w):
+        return chunked_cross_entropy(h, w, targets, vocab_major=vocab_major, chunk_size=chunk)
+
+    expected, expected_vjp = jax.vjp(dense, hidden, weight)
+    got, got_vjp = jax.jit(lambda h, w: jax.vjp(chunked, h, w))(hidden, weight)
+    assert got.dtype == jnp.float32 and got.shape == (N_TOKENS,)
+    np.testing.assert_allclose(got, expected, atol=CE_ATOL, rtol=0)
+    for g, e in zip(got_vjp(cotangent), expected_vjp(cotangent), strict=True):
+        assert g.shape == e.shape
+        np.testing.assert_allclose(g, e, atol=CE_ATOL, rtol=0)
+
+
+def test_flare_loss_from_hidden_states_equals_logits():
+    # The objective over [B, L, hidden] states through head_cross_entropy (AR and shifted
+    # diffusion terms, ELBO weights) equals it over the logits: value and gradients.
+    rng = np.random.default_rng(4)
+    shape = (2, 9)
+    clean, noisy = (jnp.asarray(rng.normal(size=(*shape, HIDDEN)), jnp.float32) for _ in range(2))
+    weight = jnp.asarray(rng.normal(size=(VOCAB, HIDDEN)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, VOCAB, shape), jnp.int32)
+    rest = (jnp.asarray(rng.random(shape) < 0.5), jnp.ones(shape, bool),
+            jnp.asarray(np.repeat([[1] * 5 + [2] * 4], 2, axis=0)), jnp.full(shape, 0.4))
+    cfg = LossConfig(logit_shift=True, elbo_weighting=True)
+
+    def from_logits(c, n, w):
+        return flare_loss(_dense_logits(c, w, True), _dense_logits(n, w, True), tokens, *rest,
+                          cfg)[0]
+
+    def from_hidden(c, n, w):
+        return flare_loss(c, n, tokens, *rest, cfg, head_cross_entropy(w, True, 32))[0]
+
+    expected = jax.value_and_grad(from_logits, argnums=(0, 1, 2))(clean, noisy, weight)
+    got = jax.value_and_grad(from_hidden, argnums=(0, 1, 2))(clean, noisy, weight)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(g, e, atol=CE_ATOL, rtol=0)

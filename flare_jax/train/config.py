@@ -96,6 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.progress = True
     c.train.peak_tflops = 0.0  # per device; 0: known value for the device kind, else no MFU
+    # cross-entropy over vocabulary chunks of this many tokens, never holding the [B, L, V] fp32
+    # logits and their gradient (flare_jax/vocab_ce.py); 0: from full logits
+    c.train.vocab_chunk = 8192
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500
@@ -180,6 +183,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("train.log_every", lambda v: _int(v) and v >= 1, "a positive int"),
         ("train.progress", lambda v: isinstance(v, bool), "a bool"),
         ("train.peak_tflops", lambda v: _num(v) and v >= 0, "a number >= 0"),
+        ("train.vocab_chunk", lambda v: _int(v) and v >= 0, "an int >= 0 (0: full logits)"),
         ("checkpoint.every", lambda v: _int(v) and v >= 0, "an int >= 0 (0: only at the end)"),
         ("checkpoint.keep", lambda v: _int(v) and v >= 1, "a positive int"),
         ("checkpoint.async_save", lambda v: isinstance(v, bool), "a bool"),

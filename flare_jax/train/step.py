@@ -20,7 +20,15 @@ from flare_jax.config import ModelConfig
 from flare_jax.layout import FlareLayout
 from flare_jax.model.hybrid import HybridLM
 from flare_jax.model.moe import RouterStats, load_balancing_loss
-from flare_jax.objective import LossConfig, NoiseConfig, add_noise, flare_loss, token_cross_entropy
+from flare_jax.objective import (
+    CrossEntropy,
+    LossConfig,
+    NoiseConfig,
+    add_noise,
+    flare_loss,
+    head_cross_entropy,
+    token_cross_entropy,
+)
 from flare_jax.pretrained import module_params
 from flare_jax.train import sharding
 
@@ -90,6 +98,9 @@ class StepConfig:
     remat: bool = False  # recompute each decoder layer in the backward pass (FLARE objective)
     scan_layers: bool = True  # one lax.scan over repeated layer groups (same numbers, fast compile)
     objective: str = "flare"  # or "causal": the plain AR baseline on the clean row only
+    # cross-entropy over vocabulary chunks of this many tokens, never holding the [B, L, V]
+    # logits (flare_jax.vocab_ce); 0: from full fp32 logits
+    vocab_chunk: int = 8192
 
 
 def _micro_batches(x: jax.Array, accum: int) -> jax.Array:
@@ -99,10 +110,11 @@ def _micro_batches(x: jax.Array, accum: int) -> jax.Array:
     return jnp.swapaxes(x.reshape(rows, accum, *x.shape[1:]), 0, 1)
 
 
-def _causal_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
-                 segment_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _causal_loss(outputs: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
+                 segment_ids: jax.Array, cross_entropy: CrossEntropy
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     valid = (segment_ids[:, :-1] == segment_ids[:, 1:]) & loss_mask[:, 1:].astype(bool)
-    ce = token_cross_entropy(logits[:, :-1], tokens[:, 1:])
+    ce = cross_entropy(outputs[:, :-1], tokens[:, 1:])
     n = jnp.sum(valid, dtype=jnp.float32)
     mean = jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(n, 1.0)
     return mean, {"loss": mean, "ar_loss": mean, "ar_tokens": n,
@@ -140,18 +152,23 @@ def make_train_step(binder: ModelBinder, tx: optax.GradientTransformation, cfg: 
         model = binder(params)
         tokens, segment_ids, loss_mask = micro["tokens"], micro["segment_ids"], micro["loss_mask"]
         router_mask = loss_mask.astype(bool)
+        chunked = cfg.vocab_chunk > 0  # the model returns normed hidden states, not logits
+        cross_entropy = (head_cross_entropy(*model.head_weight(), cfg.vocab_chunk) if chunked
+                         else token_cross_entropy)
         if cfg.objective == "causal":
-            logits, _, stats = model(tokens, segment_ids, scan_layers=cfg.scan_layers,
-                                     token_mask=router_mask, with_router_stats=True)
-            mean, metrics = _causal_loss(logits, tokens, loss_mask, segment_ids)
+            outputs, _, stats = model(tokens, segment_ids, scan_layers=cfg.scan_layers,
+                                      token_mask=router_mask, with_router_stats=True,
+                                      normed_hidden=chunked)
+            mean, metrics = _causal_loss(outputs, tokens, loss_mask, segment_ids, cross_entropy)
             weight = metrics["ar_tokens"]
         else:
             layout = FlareLayout.from_segments(segment_ids, cfg.block_size)
-            clean_logits, noisy_logits, stats = model.flare(
+            clean, noisy, stats = model.flare(
                 tokens, micro["noisy"], layout, remat=cfg.remat, constrain=constrain,
-                scan_layers=cfg.scan_layers, token_mask=router_mask, with_router_stats=True)
-            mean, metrics = flare_loss(clean_logits, noisy_logits, tokens, micro["noise_mask"],
-                                       loss_mask, segment_ids, micro["rate"], cfg.loss)
+                scan_layers=cfg.scan_layers, token_mask=router_mask, with_router_stats=True,
+                normed_hidden=chunked)
+            mean, metrics = flare_loss(clean, noisy, tokens, micro["noise_mask"], loss_mask,
+                                       segment_ids, micro["rate"], cfg.loss, cross_entropy)
             weight = w_ar * metrics["ar_tokens"] + w_diff * metrics["diffusion_tokens"]
         weight = jax.lax.stop_gradient(weight)
         objective = mean
