@@ -1,11 +1,13 @@
 """Gated delta rule on one GPU: our Pallas path vs the XLA jnp reference and fla, in one run.
 
-Prints a correctness check of the compiled kernels against the reference (fp32), then forward and
-forward+backward times (bf16 inputs) with ratios, and the handoff-mode cost against a plain causal
-forward over the same number of tokens. ``--json PATH`` writes the numbers after every section;
+Prints a correctness check of the compiled kernels against the reference (fp32; plain and the
+handoff at one and at two chunks per block), then forward and forward+backward times (bf16 inputs)
+with ratios, and the handoff-mode cost against a plain causal forward over the same number of
+tokens (right after the first shape). ``--json PATH`` writes the numbers after every section;
 sections that would start after ``--budget-s`` seconds are skipped. ``--check``: only the full
-correctness check (all head layouts, handoff gradients, bf16 inputs). ``--stages``: per-kernel
-times and launch-parameter variants at the first shape (profile). ``--no-peers``: our kernels only.
+correctness check (all head layouts, bf16 inputs). ``--stages``: per-kernel times and
+launch-parameter variants at the first shape (profile). ``--no-peers``: our kernels only.
+``--extra-chunks 32``: also our kernels at chunk 32 at every shape.
 CPU smoke: ``--backend gpu_interpret --shapes 1x128x2x32 --handoff 1x64x2x32 --stages``.
 """
 
@@ -63,9 +65,13 @@ def max_rel(a, b) -> float:
 GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 
 
+HANDOFF_CHECK_BLOCKS = (32, 128)  # one chunk per block (fused scan); two chunks per block
+
+
 def check_case(backend: str, hk: int, hv: int, dk: int, dv: int, full: bool) -> dict:
-    """One fp32 case: outputs, final state and gradients vs the reference; with ``full`` also the
-    handoff gradients and the bf16-input output error."""
+    """One fp32 case: outputs, final state and gradients vs the reference, the same for the
+    handoff (both outputs, the final state, the largest gradient error over both streams and
+    h0) at ``HANDOFF_CHECK_BLOCKS``; with ``full`` also the bf16-input output error."""
     b, t = 2, 300
     (q, k, v, g, beta), s0 = make_inputs(jax.random.PRNGKey(dk), b, t, hk, hv, dk, dv, F32)
     noisy, _ = make_inputs(jax.random.PRNGKey(7), b, t, hk, hv, dk, dv, F32)
@@ -77,16 +83,17 @@ def check_case(backend: str, hk: int, hv: int, dk: int, dv: int, full: bool) -> 
         o, s = api.gated_delta_rule(q, k, v, g, beta, initial_state=s0, segment_ids=seg, backend=backend)
         return jnp.sum(o * dy) + jnp.sum(s * s), (o, s)
 
-    def handoff_loss(clean, noisy, s0, backend):
-        oc, on, s = api.gated_delta_rule_handoff(
+    def handoff_loss(clean, noisy, s0, block_size, backend):
+        outs = api.gated_delta_rule_handoff(
             api.GatedDeltaInputs(*clean),
             api.GatedDeltaInputs(*noisy),
-            block_size=32,
+            block_size=block_size,
             segment_ids=seg,
             initial_state=s0,
             backend=backend,
         )
-        return jnp.sum(oc * dy) + jnp.sum(on * jnp.flip(dy, 1)) + jnp.sum(s * s)
+        oc, on, s = outs
+        return jnp.sum(oc * dy) + jnp.sum(on * jnp.flip(dy, 1)) + jnp.sum(s * s), outs
 
     grad = jax.jit(jax.grad(loss, argnums=range(6), has_aux=True), static_argnames="backend")
     (gk, (ok, sk)), (gr, (o_r, s_r)) = (
@@ -94,18 +101,29 @@ def check_case(backend: str, hk: int, hv: int, dk: int, dv: int, full: bool) -> 
     )
     errs = {"o": max_rel(ok, o_r), "state": max_rel(sk, s_r)}
     errs |= {n: max_rel(x, y) for n, x, y in zip(GRAD_NAMES, gk, gr, strict=True)}
-    print_errs(f"hk{hk}_hv{hv}_dk{dk}_dv{dv} plain", errs)  # a call cut short keeps this line
+    name = f"hk{hk}_hv{hv}_dk{dk}_dv{dv}"
+    print_errs(f"{name} plain", errs)  # a call cut short keeps this line
+    hgrad = jax.jit(
+        jax.grad(handoff_loss, argnums=(0, 1, 2), has_aux=True), static_argnames=("block_size", "backend")
+    )
+    for bs in HANDOFF_CHECK_BLOCKS:
+        (gh, oh), (gh_r, oh_r) = (
+            hgrad((q, k, v, g, beta), noisy, s0, block_size=bs, backend=be) for be in (backend, "reference")
+        )
+        names = (f"handoff{bs}_{n}" for n in ("o_clean", "o_noisy", "state"))
+        herrs = {n: max_rel(x, y) for n, x, y in zip(names, oh, oh_r, strict=True)}
+        pairs = zip(jax.tree.leaves(gh), jax.tree.leaves(gh_r), strict=True)
+        herrs[f"handoff{bs}_grads"] = max(max_rel(x, y) for x, y in pairs)
+        print_errs(f"{name} handoff block {bs}", herrs)
+        errs |= herrs
     if not full:
         return errs
-    hgrad = jax.jit(jax.grad(handoff_loss, argnums=(0, 1, 2)), static_argnames="backend")
-    gh = [jax.tree.leaves(hgrad((q, k, v, g, beta), noisy, s0, backend=be)) for be in (backend, "reference")]
-    errs["handoff_grads"] = max(max_rel(x, y) for x, y in zip(*gh, strict=True))
     bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)] + [g, beta]
     o_bf16, _ = jax.jit(api.gated_delta_rule, static_argnames="backend")(
         *bf16, initial_state=s0, segment_ids=seg, backend=backend
     )
     errs["o_bf16_vs_fp32_ref"] = max_rel(o_bf16, o_r)
-    print_errs(f"hk{hk}_hv{hv}_dk{dk}_dv{dv} handoff, bf16", errs)
+    print_errs(f"{name} bf16", {"o_bf16_vs_fp32_ref": errs["o_bf16_vs_fp32_ref"]})
     return errs
 
 
@@ -117,8 +135,8 @@ CHECK_LAYOUTS = ((2, 4, 128, 128), (1, 2, 64, 256))  # (Hk, Hv, Dk, Dv)
 
 
 def check(backend: str, full: bool) -> dict:
-    """Compiled kernel vs reference in fp32: all head layouts and modes with ``full``, else the
-    first layout's plain mode (Triton and XLA compiles are the cost of this section)."""
+    """Compiled kernel vs reference in fp32: all head layouts and the bf16 error with ``full``,
+    else the first layout (Triton and XLA compiles are the cost of this section)."""
     layouts = CHECK_LAYOUTS if full else CHECK_LAYOUTS[:1]
     return {
         f"hk{hk}_hv{hv}_dk{dk}_dv{dv}": check_case(backend, hk, hv, dk, dv, full)
@@ -149,22 +167,26 @@ def fla_forward_ms(q, k, v, g, beta) -> float | None:
     return start.elapsed_time(end) / 10
 
 
-def bench_shape(b, t, h, d, backend, peers: bool) -> dict:
+def bench_shape(b, t, h, d, backend, peers: bool, extra_chunks: tuple[int, ...] = ()) -> dict:
+    """Ours (default chunk, then each of ``extra_chunks``) and the peers at one shape."""
     (q, k, v, g, beta), _ = make_inputs(jax.random.PRNGKey(0), b, t, h, h, d, d, jnp.bfloat16)
     dy = jax.random.normal(jax.random.PRNGKey(1), v.shape, jnp.bfloat16)
 
-    def fwd(be):
-        return jax.jit(lambda *a: api.gated_delta_rule(*a, backend=be))
+    def fwd(be, **kw):
+        return jax.jit(lambda *a: api.gated_delta_rule(*a, backend=be, **kw))
 
-    def fwd_bwd(be):
+    def fwd_bwd(be, **kw):
         def loss(*a):
-            o, s = api.gated_delta_rule(*a, backend=be)
+            o, s = api.gated_delta_rule(*a, backend=be, **kw)
             return jnp.sum(o.astype(jnp.float32) * dy) + jnp.sum(s)
 
         return jax.jit(jax.grad(loss, argnums=range(5)))
 
     args = (q, k, v, g, beta)
     r = {"ours_fwd": timeit(fwd(backend), *args), "ours_fwd_bwd": timeit(fwd_bwd(backend), *args)}
+    for c in extra_chunks:
+        r[f"ours_fwd_chunk{c}"] = timeit(fwd(backend, chunk_size=c), *args)
+        r[f"ours_fwd_bwd_chunk{c}"] = timeit(fwd_bwd(backend, chunk_size=c), *args)
     if not peers:
         return r
     r |= {
@@ -229,9 +251,10 @@ def bench_stages(b, t, h, d, backend) -> dict:
     scan = functools.partial(gpu.scan_fwd, write_states=False, interpret=interpret)
     r["scan_fwd"] = timeit(jax.jit(scan), ct, s0)
     r["scan_bwd"] = timeit(jax.jit(functools.partial(gpu.scan_bwd, interpret=interpret)), ct, do, s0, None)
-    _, h_states, _ = jax.jit(functools.partial(gpu.scan_fwd, write_states=True, interpret=interpret))(ct, s0)
+    _, h_states, *_ = jax.jit(functools.partial(gpu.scan_fwd, write_states=True, interpret=interpret))(ct, s0)
     scan_vjp = jax.jit(api._kernel_scan_bwd, static_argnums=(0, 1))  # noqa: SLF001
-    r["scan_bwd_with_xla_matmuls"] = timeit(scan_vjp, backend, False, (ct, h_states), (do, None, s0))
+    residuals, cotangents = (ct, h_states, None), (do, None, s0, None)
+    r["scan_bwd_with_xla_matmuls"] = timeit(scan_vjp, backend, False, residuals, cotangents)
 
     def fwd32(*args):
         return api.gated_delta_rule(*args, chunk_size=32, backend=backend)
@@ -335,8 +358,10 @@ def main() -> None:
     parser.add_argument("--handoff", default=HANDOFF, help="B x T x H x D of the clean stream")
     parser.add_argument("--stages", action="store_true", help="profile at the first shape")
     parser.add_argument("--no-peers", action="store_true", help="skip the XLA reference and fla")
+    parser.add_argument("--extra-chunks", default="", help="also time ours at these chunk sizes")
     args = parser.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    extra_chunks = tuple(int(c) for c in args.extra_chunks.split(",") if c)
     handoff = tuple(map(int, args.handoff.split("x")))
     start = time.perf_counter()
     print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}")
@@ -370,20 +395,26 @@ def main() -> None:
     )
     for i, shape in enumerate(shapes):
         name = "x".join(map(str, shape))
-        if within_budget(name) and (r := guarded(bench_shape, *shape, args.backend, not args.no_peers)):
+        if within_budget(name) and (
+            r := guarded(bench_shape, *shape, args.backend, not args.no_peers, extra_chunks)
+        ):
             results[name] = r | {"done_at_s": time.perf_counter() - start}
             print_shape_row(shape, r)
+            if extra_chunks:
+                print("  " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if "chunk" in k), flush=True)
             save()
-        if i == 0 and args.stages and within_budget("stages"):
+        if i > 0:
+            continue
+        if args.stages and within_budget("stages"):
             results["stages"] = r = guarded(bench_stages, *shape, args.backend)
             print(f"stages at {name} (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
             save()
-    for bs in (32, 64):
-        name = f"handoff_bs{bs}"
-        if within_budget(name) and (r := guarded(bench_handoff, bs, args.backend, *handoff)):
-            results[name] = r
-            print_handoff(bs, handoff, r)
-            save()
+        for bs in (32, 64):  # before the larger shapes: a call cut short still has them
+            hname = f"handoff_bs{bs}"
+            if within_budget(hname) and (r := guarded(bench_handoff, bs, args.backend, *handoff)):
+                results[hname] = r
+                print_handoff(bs, handoff, r)
+                save()
     results["total_s"] = time.perf_counter() - start
     save()
 

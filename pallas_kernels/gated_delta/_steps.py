@@ -8,6 +8,9 @@ Backward, with ``d`` the cotangent of ``s_next`` (``dh``: an external cotangent 
 
     du = p^T do + kd d;   d_prev = gam d - w^T du + qg^T do (+ dh)
 
+The output half (``out_step`` / ``out_bwd``) is also what a second stream that only reads the
+state needs (the FLARE handoff's noisy block of one chunk: ``kd d`` and ``gam`` drop out).
+
 Matmul operands are cast to the chunk tensors' dtype (bf16 on the fast path); accumulation and
 the carried state stay fp32.
 """
@@ -27,6 +30,22 @@ def _mm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False) -> jax.Array:
     return jax.lax.dot_general(a, b, dims, precision=jax.lax.Precision.HIGHEST, preferred_element_type=F32)
 
 
+def check_noisy(ct: tuple, noisy: tuple) -> None:
+    """A noisy stream (``qg, p, w, u0`` read) must have the clean stream's chunk layout."""
+    for name, a, b in zip(("qg", "p", "w", "u0"), ct, noisy, strict=False):
+        if a.shape != b.shape:
+            raise ValueError(f"noisy {name} {b.shape} does not match the clean stream's {a.shape}")
+
+
+def out_step(
+    qg: jax.Array, p: jax.Array, w: jax.Array, u0: jax.Array, s_c: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Output of one chunk from the state ``s_c`` (already in the chunk tensors' dtype): returns
+    ``(o, u)``, ``o`` fp32 and the corrected values ``u`` in the compute dtype."""
+    u_c = (u0.astype(F32) - _mm(w, s_c)).astype(w.dtype)
+    return _mm(qg, s_c) + _mm(p, u_c), u_c
+
+
 def fwd_step(
     qg: jax.Array,
     p: jax.Array,
@@ -37,12 +56,20 @@ def fwd_step(
     s: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     """One chunk forward: returns ``(o, s_next)`` (both fp32)."""
-    dt = w.dtype
-    s_c = s.astype(dt)
-    u = u0.astype(F32) - _mm(w, s_c)
-    u_c = u.astype(dt)
-    o = _mm(qg, s_c) + _mm(p, u_c)
+    o, u_c = out_step(qg, p, w, u0, s.astype(w.dtype))
     return o, gam * s + _mm(kd, u_c, transpose_a=True)
+
+
+def out_bwd(
+    qg: jax.Array, p: jax.Array, w: jax.Array, do: jax.Array, du_carry: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Backward of ``out_step`` for ``do`` (``du_carry``: the state path's share of ``du``):
+    returns ``(du, ds)``, the cotangents of ``u0`` and of the state (both fp32)."""
+    dt = w.dtype
+    do_c = do.astype(dt)
+    du = _mm(p, do_c, transpose_a=True)
+    du = du if du_carry is None else du + du_carry
+    return du, _mm(qg, do_c, transpose_a=True) - _mm(w, du.astype(dt), transpose_a=True)
 
 
 def bwd_step(
@@ -56,8 +83,6 @@ def bwd_step(
     dh: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One chunk backward: returns ``(du, d_prev)`` (both fp32)."""
-    dt = w.dtype
-    do_c = do.astype(dt)
-    du = _mm(p, do_c, transpose_a=True) + _mm(kd, d.astype(dt))
-    d_prev = gam * d - _mm(w, du.astype(dt), transpose_a=True) + _mm(qg, do_c, transpose_a=True)
+    du, ds = out_bwd(qg, p, w, do, _mm(kd, d.astype(w.dtype)))
+    d_prev = gam * d + ds
     return du, d_prev if dh is None else d_prev + dh

@@ -39,37 +39,58 @@ def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _kernel_scan(backend: str, need_states: bool, ct: ChunkTensors, s0: jax.Array):
+def _kernel_scan(
+    backend: str, need_states: bool, ct: ChunkTensors, s0: jax.Array, noisy: ChunkTensors | None
+):
+    """Kernel scan ``(o, h, s_final, o_noisy)``; ``noisy``: a second stream whose chunk ``i``
+    reads the state entering chunk ``i`` (``o_noisy`` None without it)."""
     module, interpret = _kernels(backend)
-    return module.scan_fwd(ct, s0, write_states=need_states, interpret=interpret)
+    return module.scan_fwd(ct, s0, write_states=need_states, noisy=noisy, interpret=interpret)
 
 
-def _kernel_scan_fwd(backend: str, need_states: bool, ct: ChunkTensors, s0: jax.Array):
+def _kernel_scan_fwd(backend: str, need_states: bool, ct: ChunkTensors, s0: jax.Array, noisy):
     module, interpret = _kernels(backend)
-    o, h, s_final = module.scan_fwd(ct, s0, write_states=True, interpret=interpret)
-    return (o, h if need_states else None, s_final), (ct, h)
+    o, h, s_final, o_noisy = module.scan_fwd(ct, s0, write_states=True, noisy=noisy, interpret=interpret)
+    return (o, h if need_states else None, s_final, o_noisy), (ct, h, noisy)
 
 
-def _kernel_scan_bwd(backend: str, need_states: bool, residuals, cotangents):
-    """Kernel reverse scan for the state cotangents, then the per-chunk matmuls in XLA."""
-    ct, h = residuals
-    do, dh, ds_final = cotangents
-    module, interpret = _kernels(backend)
-    du, dh_next, ds0 = module.scan_bwd(ct, do, ds_final, dh if need_states else None, interpret=interpret)
+def _chunk_cotangents(
+    ct: ChunkTensors, h: jax.Array, do: jax.Array, du: jax.Array, dh_next: jax.Array | None
+) -> ChunkTensors:
+    """Cotangents of one stream's chunk tensors (XLA batched matmuls) from the states entering
+    each chunk ``h``, the output cotangent ``do`` and the reverse scan's ``du``; ``dh_next`` (the
+    cotangent of the state leaving each chunk) is None for a stream that never updates the
+    state (its ``kd`` and ``gam`` get zeros)."""
     # Matmul operands in the chunk tensors' dtype (bf16 on the fast path), fp32 accumulation.
     dt = ct.w.dtype
     h_c, do_c, du_c = h.astype(dt), do.astype(dt), du.astype(dt)
-    u = ct.u0.astype(F32) - _mm("ntlk,ntkv->ntlv", ct.w, h_c)
-    u_c = u.astype(dt)
+    u_c = (ct.u0.astype(F32) - _mm("ntlk,ntkv->ntlv", ct.w, h_c)).astype(dt)
+    if dh_next is None:
+        dkd, dgam = jnp.zeros_like(ct.kd), jnp.zeros_like(ct.gam)
+    else:
+        dkd = _mm("ntlv,ntkv->ntlk", u_c, dh_next.astype(dt))
+        dgam = jnp.sum(h * dh_next, axis=(-2, -1))
     grads = ChunkTensors(
         qg=_mm("ntlv,ntkv->ntlk", do_c, h_c),
         p=_mm("ntlv,ntmv->ntlm", do_c, u_c),
         w=-_mm("ntlv,ntkv->ntlk", du_c, h_c),
         u0=du,
-        kd=_mm("ntlv,ntkv->ntlk", u_c, dh_next.astype(dt)),
-        gam=jnp.sum(h * dh_next, axis=(-2, -1)),
+        kd=dkd,
+        gam=dgam,
     )
-    return ChunkTensors(*(d.astype(x.dtype) for d, x in zip(grads, ct, strict=True))), ds0
+    return ChunkTensors(*(d.astype(x.dtype) for d, x in zip(grads, ct, strict=True)))
+
+
+def _kernel_scan_bwd(backend: str, need_states: bool, residuals, cotangents):
+    """Kernel reverse scan for the state cotangents, then the per-chunk matmuls in XLA."""
+    ct, h, noisy = residuals
+    do, dh, ds_final, do_noisy = cotangents
+    module, interpret = _kernels(backend)
+    du, dh_next, ds0, du_noisy = module.scan_bwd(
+        ct, do, ds_final, dh if need_states else None, noisy=noisy, do_noisy=do_noisy, interpret=interpret
+    )
+    d_noisy = None if noisy is None else _chunk_cotangents(noisy, h, do_noisy, du_noisy, None)
+    return _chunk_cotangents(ct, h, do, du, dh_next), ds0, d_noisy
 
 
 _kernel_scan.defvjp(_kernel_scan_fwd, _kernel_scan_bwd)
@@ -134,7 +155,7 @@ def _prepare_fn(backend: str) -> reference.PrepareFn:
 def _scan_fn(backend: str) -> ScanFn:
     if backend == "reference":
         return reference.scan_chunks
-    return lambda ct, s0, need_states: _kernel_scan(backend, need_states, ct, s0)
+    return lambda ct, s0, need_states: _kernel_scan(backend, need_states, ct, s0, None)[:3]
 
 
 def _prep_dtype(backend: str, v: jax.Array) -> jnp.dtype:
@@ -184,9 +205,42 @@ def gated_delta_rule(
     return o, s_final
 
 
-def _to_blocks(x: jax.Array, num_blocks: int) -> jax.Array:
-    """``[B, T, ...]`` -> ``[B * num_blocks, T / num_blocks, ...]``."""
-    return x.reshape(x.shape[0] * num_blocks, x.shape[1] // num_blocks, *x.shape[2:])
+def _handoff_scans(
+    clean: GatedDeltaInputs,
+    noisy: GatedDeltaInputs,
+    reset: jax.Array,
+    *,
+    scale: float | None,
+    initial_state: jax.Array | None,
+    chunk: int,
+    block_size: int,
+    backend: str,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``gated_delta_rule_handoff`` on inputs padded to whole blocks. Both streams are prepared
+    per chunk in the same ``[B * Hv, NT]`` layout (a reset at a block's first token hides the
+    entering state in the noisy stream's own tensors)."""
+    b, t, _, dk = clean.q.shape
+    hv, dv = clean.v.shape[2:]
+    scale = reference.default_scale(scale, dk)
+    prepare, dtype = _prepare_fn(backend), _prep_dtype(backend, clean.v)
+    ct, ct_noisy = (prepare(*x, reset, chunk, scale, dtype) for x in (clean, noisy))
+    s0 = reference.flat_initial_state(initial_state, b, hv, dk, dv)
+    if chunk == block_size and backend != "reference":
+        o_clean, _, s_final, o_noisy = _kernel_scan(backend, False, ct, s0, ct_noisy)
+    else:
+        # Row (b, head) of the noisy tensors splits into its blocks, rows (b, head, block),
+        # without a copy; their initial states are every block's first chunk state (a strided
+        # slice of the clean scan's states, in the same row order).
+        scan, per_block = _scan_fn(backend), block_size // chunk
+        o_clean, h, s_final = scan(ct, s0, True)
+        blocks = ChunkTensors(*(x.reshape(-1, per_block, *x.shape[2:]) for x in ct_noisy))
+        o_noisy, _, _ = scan(blocks, h[:, ::per_block].reshape(-1, dk, dv), False)
+        o_noisy = o_noisy.reshape(ct_noisy.u0.shape)
+    return (
+        reference.unchunk_output(o_clean, b, t, clean.v.dtype),
+        reference.unchunk_output(o_noisy, b, t, noisy.v.dtype),
+        s_final.reshape(b, hv, dk, dv),
+    )
 
 
 def gated_delta_rule_handoff(
@@ -206,37 +260,27 @@ def gated_delta_rule_handoff(
     from the clean state just before clean token ``b * block_size`` and run causally within the
     block (same segment resets, including at the block's first token); they never feed later
     blocks. The clean stream runs with chunk ``gcd(chunk_size, block_size)`` so that block starts
-    are chunk boundaries whose states the scan emits; all noisy blocks then run as one batched
-    chunked scan (one kernel launch) from those states.
+    are chunk boundaries. When that chunk is the block (``block_size`` divides ``chunk_size``),
+    the kernel backends run both streams in one scan: chunk ``b`` writes noisy block ``b``'s
+    output from the state entering it, and no block state is stored. Otherwise (and on the
+    reference backend) the clean scan emits its chunk states and all noisy blocks run as one
+    batched chunked scan from the block starts.
     """
     backend = resolve_backend(backend)
     b, t = clean.q.shape[:2]
-    chunk = math.gcd(chunk_size, block_size)
     pad = -t % block_size
-    num_blocks = (t + pad) // block_size
 
     def padded(x: jax.Array) -> jax.Array:
         return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
 
-    reset = padded(reference.reset_flags(segment_ids, b, t))
-    scan = _scan_fn(backend)
-    common = dict(
+    o_clean, o_noisy, s_final = _handoff_scans(
+        GatedDeltaInputs(*map(padded, clean)),
+        GatedDeltaInputs(*map(padded, noisy)),
+        padded(reference.reset_flags(segment_ids, b, t)),
         scale=scale,
-        chunk=chunk,
-        scan=scan,
-        prepare=_prepare_fn(backend),
-        prep_dtype=_prep_dtype(backend, clean.v),
+        initial_state=initial_state,
+        chunk=math.gcd(chunk_size, block_size),
+        block_size=block_size,
+        backend=backend,
     )
-    o_clean, h, s_final = reference.chunked_pipeline(
-        *map(padded, clean), initial_state=initial_state, reset=reset, need_states=True, **common
-    )
-    starts = h[:, :, :: block_size // chunk]  # [B, Hv, num_blocks, Dk, Dv]
-    starts = jnp.moveaxis(starts, 2, 1).reshape(b * num_blocks, *starts.shape[1:2], *h.shape[3:])
-    o_noisy, _, _ = reference.chunked_pipeline(
-        *(_to_blocks(padded(x), num_blocks) for x in noisy),
-        initial_state=starts,
-        reset=_to_blocks(reset, num_blocks),
-        **common,
-    )
-    o_noisy = o_noisy.reshape(b, t + pad, *o_noisy.shape[2:])[:, :t]
-    return o_clean[:, :t], o_noisy, s_final
+    return o_clean[:, :t], o_noisy[:, :t], s_final

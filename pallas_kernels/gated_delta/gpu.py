@@ -14,7 +14,7 @@ import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gated_delta._steps import F32, bwd_step, fwd_step
+from pallas_kernels.gated_delta._steps import F32, bwd_step, check_noisy, fwd_step, out_bwd, out_step
 from pallas_kernels.gated_delta.reference import ChunkTensors
 
 _NUM_SMS_HINT = 132  # enough programs to fill an H100; smaller value blocks otherwise
@@ -49,8 +49,24 @@ class Tiling(NamedTuple):
     def width(self, n: int, dv: int) -> int:
         return _block_v(n, dv) if self.block_v is None else min(self.block_v, dv)
 
-    def params(self) -> plgpu.CompilerParams:
-        return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+    def params(self, tile_bytes: int) -> plgpu.CompilerParams:
+        """Compiler parameters; fewer pipeline stages where ``num_stages`` copies of one
+        chunk's tiles (``tile_bytes``) would not fit in shared memory."""
+        stages = self.num_stages
+        while stages > 1 and stages * tile_bytes > _SMEM_BYTES:
+            stages -= 1
+        return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=stages)
+
+
+# Shared memory per program on the H100 / H200 (227 KiB) less Triton's own use. The handoff scan
+# at chunk 64 (D 128, bf16, 64 columns) has 112 KiB of tiles per chunk: two stages asked for
+# 232 KiB on the H200 and failed to launch; one plain stream (64 KiB) runs at two stages.
+_SMEM_BYTES = 211 * 1024
+
+
+def _tile_bytes(chunk: int, widths: list[int], itemsize: int) -> int:
+    """Bytes of one chunk's ``[chunk, width]`` tiles."""
+    return chunk * sum(widths) * itemsize
 
 
 DEFAULT_TILING = Tiling()
@@ -63,13 +79,21 @@ def _full_spec(rows: int, width: int, blocked: bool = False) -> pl.BlockSpec:
     return pl.BlockSpec((None, rows, width), lambda n, j: (n, 0, j if blocked else 0))
 
 
-def _fwd_kernel(qg, p, w, u0, kd, gam, s0, o, s_final, *h, chunk: int, num_chunks: int):
+def _fwd_kernel(*refs, chunk: int, num_chunks: int, write_states: bool, noisy: bool):
+    """Inputs ``qg, p, w, u0, kd, gam, s0`` [+ the noisy ``qg, p, w, u0``], outputs ``o, s_final``
+    [+ ``h``] [+ noisy ``o``]: block ``i`` of the noisy stream reads the state entering chunk ``i``."""
+    (qg, p, w, u0, kd, gam, s0), refs = refs[:7], refs[7:]
+    side, (o, s_final, *outs) = (refs[:4], refs[4:]) if noisy else ((), refs)
+    h, o_side = (outs[0] if write_states else None), (outs[-1] if noisy else None)
     dk = qg.shape[-1]
 
     def body(i, s):
         rows = pl.ds(i * chunk, chunk)
-        if h:
-            h[0][pl.ds(i * dk, dk), :] = s
+        if write_states:
+            h[pl.ds(i * dk, dk), :] = s
+        if noisy:
+            o_n, _ = out_step(*(x[rows, :] for x in side), s.astype(w.dtype))
+            o_side[rows, :] = o_n.astype(o_side.dtype)
         o_i, s = fwd_step(qg[rows, :], p[rows, :], w[rows, :], u0[rows, :], kd[rows, :], gam[i], s)
         o[rows, :] = o_i.astype(o.dtype)
         return s
@@ -77,8 +101,12 @@ def _fwd_kernel(qg, p, w, u0, kd, gam, s0, o, s_final, *h, chunk: int, num_chunk
     s_final[...] = jax.lax.fori_loop(0, num_chunks, body, s0[...].astype(F32))
 
 
-def _bwd_kernel(qg, p, w, kd, gam, do, ds_final, *rest, chunk: int, num_chunks: int):
-    dh, (du, dhn, ds0) = (rest[0] if len(rest) == 4 else None), rest[-3:]
+def _bwd_kernel(*refs, chunk: int, num_chunks: int, has_dh: bool, noisy: bool):
+    """Inputs ``qg, p, w, kd, gam, do, ds_final`` [+ ``dh``] [+ the noisy ``qg, p, w, do``],
+    outputs ``du, dhn, ds0`` [+ noisy ``du``]."""
+    (qg, p, w, kd, gam, do, ds_final), refs = refs[:7], refs[7:]
+    dh, refs = (refs[0], refs[1:]) if has_dh else (None, refs)
+    side, (du, dhn, ds0, *du_side) = (refs[:4], refs[4:]) if noisy else ((), refs)
     dk = qg.shape[-1]
 
     def body(r, d):
@@ -88,6 +116,10 @@ def _bwd_kernel(qg, p, w, kd, gam, do, ds_final, *rest, chunk: int, num_chunks: 
         dh_i = None if dh is None else dh[states, :]
         du_i, d = bwd_step(qg[rows, :], p[rows, :], w[rows, :], kd[rows, :], gam[i], do[rows, :], d, dh_i)
         du[rows, :] = du_i
+        if noisy:
+            du_n, ds_n = out_bwd(*(x[rows, :] for x in side))
+            du_side[0][rows, :] = du_n
+            d = d + ds_n
         return d
 
     ds0[...] = jax.lax.fori_loop(0, num_chunks, body, ds_final[...].astype(F32))
@@ -103,11 +135,15 @@ def scan_fwd(
     s0: jax.Array,
     *,
     write_states: bool,
+    noisy: ChunkTensors | None = None,
     interpret: bool = False,
     tiling: Tiling = DEFAULT_TILING,
-) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
     """Forward scan. Returns ``o [N, NT, L, Dv]`` (u0's dtype), states entering each chunk
-    ``[N, NT, Dk, Dv]`` fp32 (None unless ``write_states``) and the final state ``[N, Dk, Dv]``."""
+    ``[N, NT, Dk, Dv]`` fp32 (None unless ``write_states``), the final state ``[N, Dk, Dv]`` and
+    the output of the ``noisy`` stream (None without it): a second set of chunk tensors, same
+    layout, whose chunk ``i`` reads the state entering chunk ``i`` and never updates it (the
+    FLARE handoff with one chunk per noisy block)."""
     n, nt, chunk, dk = ct.qg.shape
     dv = ct.u0.shape[-1]
     check_shapes(chunk, dk, dv, interpret)
@@ -121,27 +157,32 @@ def scan_fwd(
     if write_states:
         out_shape.append(jax.ShapeDtypeStruct((n, nt * dk, dv), F32))
         out_specs.append(_full_spec(nt * dk, bv, True))
+    in_specs = [_full_spec(t, dk), _full_spec(t, chunk), _full_spec(t, dk), _full_spec(t, bv, True)]
+    args = [_flat(x) for x in ct[:5]] + [ct.gam, s0]
+    in_specs += [_full_spec(t, dk), pl.BlockSpec((None, nt), lambda i, j: (i, 0)), _full_spec(dk, bv, True)]
+    if noisy is not None:
+        check_noisy(ct, noisy)
+        in_specs += in_specs[:4]
+        args += [_flat(x) for x in noisy[:4]]
+        out_shape.append(jax.ShapeDtypeStruct((n, t, dv), noisy.u0.dtype))
+        out_specs.append(_full_spec(t, bv, True))
+    widths = [dk, chunk, dk, bv, dk] + ([] if noisy is None else [dk, chunk, dk, bv])
     outs = pl.pallas_call(
-        functools.partial(_fwd_kernel, chunk=chunk, num_chunks=nt),
+        functools.partial(
+            _fwd_kernel, chunk=chunk, num_chunks=nt, write_states=write_states, noisy=noisy is not None
+        ),
         out_shape=out_shape,
         grid=(n, dv // bv),
-        in_specs=[
-            _full_spec(t, dk),
-            _full_spec(t, chunk),
-            _full_spec(t, dk),
-            _full_spec(t, bv, True),
-            _full_spec(t, dk),
-            pl.BlockSpec((None, nt), lambda i, j: (i, 0)),
-            _full_spec(dk, bv, True),
-        ],
+        in_specs=in_specs,
         out_specs=out_specs,
-        compiler_params=tiling.params(),
+        compiler_params=tiling.params(_tile_bytes(chunk, widths, ct.qg.dtype.itemsize)),
         interpret=interpret,
         name="gated_delta_scan_fwd",
-    )(_flat(ct.qg), _flat(ct.p), _flat(ct.w), _flat(ct.u0), _flat(ct.kd), ct.gam, s0)
+    )(*args)
     o, s_final = outs[0].reshape(n, nt, chunk, dv), outs[1]
     h = outs[2].reshape(n, nt, dk, dv) if write_states else None
-    return o, h, s_final
+    o_noisy = outs[-1].reshape(n, nt, chunk, dv) if noisy is not None else None
+    return o, h, s_final, o_noisy
 
 
 def scan_bwd(
@@ -150,12 +191,16 @@ def scan_bwd(
     ds_final: jax.Array,
     dh: jax.Array | None,
     *,
+    noisy: ChunkTensors | None = None,
+    do_noisy: jax.Array | None = None,
     interpret: bool = False,
     tiling: Tiling = BWD_TILING,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """Reverse scan. ``do [N, NT, L, Dv]``, ``ds_final [N, Dk, Dv]``, ``dh`` (cotangent of the
-    forward's states, or None). Returns ``du [N, NT, L, Dv]``, the cotangent of the state leaving
-    each chunk ``[N, NT, Dk, Dv]`` and of the initial state ``[N, Dk, Dv]``, all fp32."""
+    forward's states, or None), the ``noisy`` stream's tensors and output cotangent (or None).
+    Returns ``du [N, NT, L, Dv]``, the cotangent of the state leaving each chunk
+    ``[N, NT, Dk, Dv]``, of the initial state ``[N, Dk, Dv]`` and the noisy ``du`` (or None),
+    all fp32."""
     n, nt, chunk, dk = ct.qg.shape
     dv = ct.u0.shape[-1]
     t = nt * chunk
@@ -170,21 +215,34 @@ def scan_bwd(
         _full_spec(dk, bv, True),
     ]
     args = [_flat(ct.qg), _flat(ct.p), _flat(ct.w), _flat(ct.kd), ct.gam, _flat(do), ds_final]
+    out_shape = [
+        jax.ShapeDtypeStruct((n, t, dv), F32),
+        jax.ShapeDtypeStruct((n, nt * dk, dv), F32),
+        jax.ShapeDtypeStruct((n, dk, dv), F32),
+    ]
+    out_specs = [_full_spec(t, bv, True), _full_spec(nt * dk, bv, True), _full_spec(dk, bv, True)]
     if dh is not None:
         in_specs.append(_full_spec(nt * dk, bv, True))
         args.append(_flat(dh.astype(F32)))
-    du, dhn, ds0 = pl.pallas_call(
-        functools.partial(_bwd_kernel, chunk=chunk, num_chunks=nt),
-        out_shape=[
-            jax.ShapeDtypeStruct((n, t, dv), F32),
-            jax.ShapeDtypeStruct((n, nt * dk, dv), F32),
-            jax.ShapeDtypeStruct((n, dk, dv), F32),
-        ],
+    if noisy is not None:
+        check_noisy(ct, noisy)
+        in_specs += [*in_specs[:3], _full_spec(t, bv, True)]
+        args += [*(_flat(x) for x in noisy[:3]), _flat(do_noisy)]
+        out_shape.append(out_shape[0])
+        out_specs.append(out_specs[0])
+    widths = [dk, chunk, dk, dk, bv] + ([] if noisy is None else [dk, chunk, dk, bv])
+    tile_bytes = _tile_bytes(chunk, widths, ct.qg.dtype.itemsize) + (0 if dh is None else dk * bv * 4)
+    outs = pl.pallas_call(
+        functools.partial(
+            _bwd_kernel, chunk=chunk, num_chunks=nt, has_dh=dh is not None, noisy=noisy is not None
+        ),
+        out_shape=out_shape,
         grid=(n, dv // bv),
         in_specs=in_specs,
-        out_specs=[_full_spec(t, bv, True), _full_spec(nt * dk, bv, True), _full_spec(dk, bv, True)],
-        compiler_params=tiling.params(),
+        out_specs=out_specs,
+        compiler_params=tiling.params(tile_bytes),
         interpret=interpret,
         name="gated_delta_scan_bwd",
     )(*args)
-    return du.reshape(n, nt, chunk, dv), dhn.reshape(n, nt, dk, dv), ds0
+    du, dhn, ds0 = outs[0].reshape(n, nt, chunk, dv), outs[1].reshape(n, nt, dk, dv), outs[2]
+    return du, dhn, ds0, (outs[3].reshape(n, nt, chunk, dv) if noisy is not None else None)

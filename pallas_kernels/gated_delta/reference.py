@@ -62,8 +62,21 @@ def expand_heads(x: jax.Array, num_v_heads: int) -> jax.Array:
     return x if rep == 1 else jnp.repeat(x, rep, axis=2)
 
 
-def _default_scale(scale: float | None, dk: int) -> float:
+def default_scale(scale: float | None, dk: int) -> float:
+    """The query scale: ``Dk^-0.5`` unless given."""
     return dk**-0.5 if scale is None else scale
+
+
+def flat_initial_state(initial_state: jax.Array | None, b: int, hv: int, dk: int, dv: int) -> jax.Array:
+    """``[B, Hv, Dk, Dv]`` (or None: zeros) -> the scans' fp32 ``[B * Hv, Dk, Dv]``."""
+    s0 = jnp.zeros((b, hv, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
+    return s0.reshape(b * hv, dk, dv)
+
+
+def unchunk_output(o: jax.Array, b: int, t: int, dtype: jnp.dtype) -> jax.Array:
+    """A scan's ``[B * Hv, NT, L, Dv]`` output -> the public ``[B, t, Hv, Dv]`` (first t tokens)."""
+    o = o.reshape(b, -1, o.shape[1] * o.shape[2], o.shape[3])[:, :, :t]
+    return jnp.moveaxis(o, 1, 2).astype(dtype)
 
 
 def recurrent_gated_delta_rule(
@@ -80,7 +93,7 @@ def recurrent_gated_delta_rule(
     """Token-by-token ``lax.scan`` form. Shapes as in ``api.gated_delta_rule``; returns (o, S_T)."""
     b, t, _, dk = q.shape
     hv, dv = v.shape[2:]
-    scale = _default_scale(scale, dk)
+    scale = default_scale(scale, dk)
     qf = expand_heads(q, hv).astype(F32) * scale
     kf = expand_heads(k, hv).astype(F32)
     s0 = jnp.zeros((b, hv, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
@@ -294,13 +307,11 @@ def chunked_pipeline(
     def padded(x):
         return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
 
-    scale = _default_scale(scale, dk)
+    scale = default_scale(scale, dk)
     ct = prepare(*map(padded, (q, k, v, g, beta, reset)), chunk, scale, prep_dtype)
-    s0 = jnp.zeros((b, hv, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
-    o, h, s_final = scan(ct, s0.reshape(b * hv, dk, dv), need_states)
-    o = o.reshape(b, hv, t + pad, dv)[:, :, :t]
+    o, h, s_final = scan(ct, flat_initial_state(initial_state, b, hv, dk, dv), need_states)
     return (
-        jnp.moveaxis(o, 1, 2).astype(v.dtype),
+        unchunk_output(o, b, t, v.dtype),
         None if h is None else h.reshape(b, hv, *h.shape[1:]),
         s_final.reshape(b, hv, dk, dv),
     )

@@ -13,7 +13,7 @@ import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.gated_delta._steps import F32, bwd_step, fwd_step
+from pallas_kernels.gated_delta._steps import F32, bwd_step, check_noisy, fwd_step, out_bwd, out_step
 from pallas_kernels.gated_delta.reference import ChunkTensors
 
 
@@ -38,16 +38,21 @@ def _state_spec(dk: int, bv: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, dk, bv), lambda n, j, i: (n, 0, j))
 
 
-def _fwd_kernel(qg, p, w, u0, kd, gam, s0, o, s_final, *rest, num_chunks: int):
-    *h, s = rest
+def _fwd_kernel(*refs, num_chunks: int, write_states: bool, noisy: bool):
+    """Refs as in ``gpu._fwd_kernel`` (one chunk each), then the state scratch."""
+    (qg, p, w, u0, kd, gam, s0), refs = refs[:7], refs[7:]
+    side, (o, s_final, *outs, s) = (refs[:4], refs[4:]) if noisy else ((), refs)
     i = pl.program_id(2)
 
     @pl.when(i == 0)
     def _():
         s[...] = s0[...].astype(F32)
 
-    if h:
-        h[0][...] = s[...]
+    if write_states:
+        outs[0][...] = s[...]
+    if noisy:
+        o_n, _ = out_step(*(x[...] for x in side), s[...].astype(w.dtype))
+        outs[-1][...] = o_n.astype(outs[-1].dtype)
     o_i, s_next = fwd_step(qg[...], p[...], w[...], u0[...], kd[...], gam[...], s[...])
     o[...] = o_i.astype(o.dtype)
     s[...] = s_next
@@ -57,8 +62,11 @@ def _fwd_kernel(qg, p, w, u0, kd, gam, s0, o, s_final, *rest, num_chunks: int):
         s_final[...] = s_next
 
 
-def _bwd_kernel(qg, p, w, kd, gam, do, ds_final, *rest, num_chunks: int):
-    *dh, du, dhn, ds0, d = rest
+def _bwd_kernel(*refs, num_chunks: int, has_dh: bool, noisy: bool):
+    """Refs as in ``gpu._bwd_kernel`` (one chunk each), then the cotangent scratch."""
+    (qg, p, w, kd, gam, do, ds_final), refs = refs[:7], refs[7:]
+    dh, refs = (refs[0], refs[1:]) if has_dh else (None, refs)
+    side, (du, dhn, ds0, *du_side, d) = (refs[:4], refs[4:]) if noisy else ((), refs)
     i = pl.program_id(2)
 
     @pl.when(i == 0)
@@ -66,9 +74,13 @@ def _bwd_kernel(qg, p, w, kd, gam, do, ds_final, *rest, num_chunks: int):
         d[...] = ds_final[...].astype(F32)
 
     dhn[...] = d[...]
-    dh_i = dh[0][...] if dh else None
+    dh_i = None if dh is None else dh[...]
     du_i, d_prev = bwd_step(qg[...], p[...], w[...], kd[...], gam[...], do[...], d[...], dh_i)
     du[...] = du_i
+    if noisy:
+        du_n, ds_n = out_bwd(*(x[...] for x in side))
+        du_side[0][...] = du_n
+        d_prev = d_prev + ds_n
     d[...] = d_prev
 
     @pl.when(i == num_chunks - 1)
@@ -77,8 +89,13 @@ def _bwd_kernel(qg, p, w, kd, gam, do, ds_final, *rest, num_chunks: int):
 
 
 def scan_fwd(
-    ct: ChunkTensors, s0: jax.Array, *, write_states: bool, interpret: bool = False
-) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    ct: ChunkTensors,
+    s0: jax.Array,
+    *,
+    write_states: bool,
+    noisy: ChunkTensors | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
     """Forward scan; same contract as ``gpu.scan_fwd``."""
     n, nt, chunk, dk = ct.qg.shape
     dv = ct.u0.shape[-1]
@@ -92,26 +109,34 @@ def scan_fwd(
     if write_states:
         out_shape.append(jax.ShapeDtypeStruct((n, nt, dk, dv), F32))
         out_specs.append(spec(dk, bv, blocked=True))
+    in_specs = [
+        spec(chunk, dk, blocked=False),
+        spec(chunk, chunk, blocked=False),
+        spec(chunk, dk, blocked=False),
+        spec(chunk, bv, blocked=True),
+        spec(chunk, dk, blocked=False),
+        spec(1, 1, blocked=False),
+        _state_spec(dk, bv),
+    ]
+    args = [*ct[:5], ct.gam.reshape(n, nt, 1, 1), s0]
+    if noisy is not None:
+        check_noisy(ct, noisy)
+        in_specs += in_specs[:4]
+        args += noisy[:4]
+        out_shape.append(jax.ShapeDtypeStruct(noisy.u0.shape, noisy.u0.dtype))
+        out_specs.append(out_specs[0])
     outs = pl.pallas_call(
-        functools.partial(_fwd_kernel, num_chunks=nt),
+        functools.partial(_fwd_kernel, num_chunks=nt, write_states=write_states, noisy=noisy is not None),
         out_shape=out_shape,
         grid=(n, dv // bv, nt),
-        in_specs=[
-            spec(chunk, dk, blocked=False),
-            spec(chunk, chunk, blocked=False),
-            spec(chunk, dk, blocked=False),
-            spec(chunk, bv, blocked=True),
-            spec(chunk, dk, blocked=False),
-            spec(1, 1, blocked=False),
-            _state_spec(dk, bv),
-        ],
+        in_specs=in_specs,
         out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((dk, bv), F32)],
         compiler_params=_params(),
         interpret=interpret,
         name="gated_delta_scan_fwd",
-    )(*ct[:5], ct.gam.reshape(n, nt, 1, 1), s0)
-    return outs[0], (outs[2] if write_states else None), outs[1]
+    )(*args)
+    return outs[0], (outs[2] if write_states else None), outs[1], (outs[-1] if noisy is not None else None)
 
 
 def scan_bwd(
@@ -120,8 +145,10 @@ def scan_bwd(
     ds_final: jax.Array,
     dh: jax.Array | None,
     *,
+    noisy: ChunkTensors | None = None,
+    do_noisy: jax.Array | None = None,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """Reverse scan; same contract as ``gpu.scan_bwd``."""
     n, nt, chunk, dk = ct.qg.shape
     dv = ct.u0.shape[-1]
@@ -137,21 +164,30 @@ def scan_bwd(
         _state_spec(dk, bv),
     ]
     args = [ct.qg, ct.p, ct.w, ct.kd, ct.gam.reshape(n, nt, 1, 1), do, ds_final]
+    out_shape = [
+        jax.ShapeDtypeStruct((n, nt, chunk, dv), F32),
+        jax.ShapeDtypeStruct((n, nt, dk, dv), F32),
+        jax.ShapeDtypeStruct((n, dk, dv), F32),
+    ]
+    out_specs = [spec(chunk, bv, blocked=True), spec(dk, bv, blocked=True), _state_spec(dk, bv)]
     if dh is not None:
         in_specs.append(spec(dk, bv, blocked=True))
         args.append(dh.astype(F32))
-    return pl.pallas_call(
-        functools.partial(_bwd_kernel, num_chunks=nt),
-        out_shape=[
-            jax.ShapeDtypeStruct((n, nt, chunk, dv), F32),
-            jax.ShapeDtypeStruct((n, nt, dk, dv), F32),
-            jax.ShapeDtypeStruct((n, dk, dv), F32),
-        ],
+    if noisy is not None:
+        check_noisy(ct, noisy)
+        in_specs += [*in_specs[:3], spec(chunk, bv, blocked=True)]
+        args += [*noisy[:3], do_noisy]
+        out_shape.append(out_shape[0])
+        out_specs.append(out_specs[0])
+    outs = pl.pallas_call(
+        functools.partial(_bwd_kernel, num_chunks=nt, has_dh=dh is not None, noisy=noisy is not None),
+        out_shape=out_shape,
         grid=(n, dv // bv, nt),
         in_specs=in_specs,
-        out_specs=[spec(chunk, bv, blocked=True), spec(dk, bv, blocked=True), _state_spec(dk, bv)],
+        out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((dk, bv), F32)],
         compiler_params=_params(),
         interpret=interpret,
         name="gated_delta_scan_bwd",
     )(*args)
+    return (*outs[:3], outs[3] if noisy is not None else None)

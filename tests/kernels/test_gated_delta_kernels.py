@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_gated_delta_reference import assert_gradient_cases_match, make_inputs
+from test_gated_delta_reference import assert_gradient_cases_match, make_inputs, packed_segments
 
 from pallas_kernels.gated_delta import api, gpu, reference
 
@@ -135,3 +135,85 @@ def test_scan_value_block_keeps_one_program_per_sm():
     assert gpu._block_v(16, 128) == 16  # 128 programs: the narrowest block
     assert gpu.Tiling(block_v=128).width(1, 64) == 64
     assert gpu.Tiling().width(128, 128) == 64
+
+
+@functools.cache
+def handoff_case(backend: str, block_size: int, chunk_size: int):
+    """Outputs of both streams, final state and the gradients wrt both streams' (q, k, v, g,
+    beta) and h0 of a handoff over T = 45 (three blocks of 16, the last one padded), GQA
+    (Hv = 2 Hk), an initial state, documents starting inside blocks and one exactly at a block
+    start (row 1, token 32). Cached: the reference oracle is shared by the kernel cases."""
+    b, t = 2, 45
+    clean, s0 = make_inputs(6, b=b, t=t)
+    noisy, _ = make_inputs(7, b=b, t=t)
+    seg = packed_segments(b, t, seed=8, max_docs=4).at[1, 32:].set(9)
+    handoff = functools.partial(
+        api.gated_delta_rule_handoff,
+        block_size=block_size,
+        chunk_size=chunk_size,
+        segment_ids=seg,
+        backend=backend,
+    )
+
+    def loss(c, n, s0):
+        o_c, o_n, s = handoff(api.GatedDeltaInputs(*c), api.GatedDeltaInputs(*n), initial_state=s0)
+        # Different nonlinear weights per stream: a swapped or misplaced output changes the loss.
+        return jnp.sum(o_c * jnp.cos(o_c)) + jnp.sum(o_n * jnp.sin(o_n + 1)) + jnp.sum(s * s), (o_c, o_n, s)
+
+    (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(clean, noisy, s0)
+    forward = jax.make_jaxpr(handoff)(api.GatedDeltaInputs(*clean), api.GatedDeltaInputs(*noisy))
+    return outs, grads, str(forward).count("name=gated_delta_scan_fwd")
+
+
+@pytest.mark.parametrize(
+    "backend, block_size, chunk_size, scans",
+    [
+        ("gpu_interpret", 16, 32, 1),  # one chunk per block: both streams in one scan
+        ("tpu_interpret", 16, 32, 1),
+        ("gpu_interpret", 16, 8, 2),  # two chunks per block: clean states, then the noisy scan
+    ],
+)
+def test_handoff_kernels_match_reference(backend, block_size, chunk_size, scans):
+    """Kernel handoff vs the reference handoff (fp32): both outputs and the final state to TOL,
+    every gradient to GRAD_TOL; with one chunk per block the forward launches one scan kernel
+    (no block states are written between two scans)."""
+    outs, grads, num_scans = handoff_case(backend, block_size, chunk_size)
+    outs_r, grads_r, _ = handoff_case("reference", block_size, 64)
+    assert num_scans == scans
+    for name, a, r in zip(("o_clean", "o_noisy", "final_state"), outs, outs_r, strict=True):
+        np.testing.assert_allclose(a, r, **TOL, err_msg=name)
+    names = [f"{s}.{x}" for s in ("clean", "noisy") for x in ("q", "k", "v", "g", "beta")] + ["h0"]
+    for name, a, r in zip(names, jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
+        np.testing.assert_allclose(a, r, **GRAD_TOL, err_msg=name)
+
+
+def test_fused_handoff_lowers_to_triton():
+    """The handoff with one chunk per block (block 32, the training default) lowers for CUDA:
+    the preparation kernels once per stream, one scan forward and one scan backward that carry
+    the noisy stream (bf16, D 128, chunk 32)."""
+    b, t, h, d = 1, 64, 2, 128
+    bf16 = jnp.bfloat16
+    q, v = jnp.ones((b, t, h, d), bf16), jnp.ones((b, t, h, d), bf16)
+    stream = api.GatedDeltaInputs(q, q, v, -jnp.ones((b, t, h)), jnp.ones((b, t, h), bf16))
+
+    def loss(clean, noisy):
+        o_c, o_n, s = api.gated_delta_rule_handoff(
+            clean, noisy, block_size=32, segment_ids=jnp.zeros((b, t), int), backend="gpu"
+        )
+        return jnp.sum(o_c.astype(jnp.float32)) + jnp.sum(o_n.astype(jnp.float32)) + jnp.sum(s)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(stream, stream).lower(lowering_platforms=("cuda",))
+    text = text.as_text()
+    # Per stream: kkt, solve, wy and the preparation backward; plus one scan each way.
+    assert text.count("__gpu$xla.gpu.triton") == 2 * 4 + 2
+    for name in ("gated_delta_scan_fwd", "gated_delta_scan_bwd"):
+        assert name in text, name
+
+
+def test_scan_stages_fit_shared_memory():
+    """Two pipeline stages of a plain scan's chunk tiles fit (64 KiB at chunk 64, D 128, bf16);
+    the handoff scan's (112 KiB, two streams) drop to one stage (two failed on the H200)."""
+    plain = gpu._tile_bytes(64, [128, 64, 128, 64, 128], 2)
+    handoff = plain + gpu._tile_bytes(64, [128, 64, 128, 64], 2)
+    assert gpu.Tiling().params(plain).num_stages == 2
+    assert gpu.Tiling().params(handoff).num_stages == 1
