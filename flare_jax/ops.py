@@ -41,7 +41,7 @@ def _per_shard(fn: Callable, batch: int, heads: tuple[int, ...],
         return fn
     b = _split_axes(BATCH_AXES, batch, mesh)
     head_splits = [_split_axes(HEAD_AXES, n, mesh) for n in heads]
-    h = head_splits[0] if None not in head_splits else None
+    h = head_splits[0] if head_splits and None not in head_splits else None
     if b is None and h is None:
         return fn
     in_specs, out_specs = specs(b, h)
@@ -120,11 +120,22 @@ def _gated_delta_specs(b, h) -> GatedDeltaInputs:
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
                    precision: jax.lax.PrecisionLike = None, backend: str = "auto") -> jax.Array:
-    """Expert matmul over rows sorted by expert (``jax.lax.ragged_dot`` semantics, fp32 result).
-
-    Not split per shard: the rows are every token's copies, sorted globally, and the experts'
-    weights are read whole (under an ``expert`` mesh axis XLA partitions ``ragged_dot`` on CPU/TPU;
-    the GPU kernel is given the gathered operands).
-    """
+    """Expert matmul over rows sorted by expert (``jax.lax.ragged_dot`` semantics, fp32 result):
+    ``ragged_dot`` on CPU/TPU, the Pallas grouped-matmul kernels on the GPU. Called per batch
+    shard through :func:`routed_experts`."""
     return grouped_matmul_api.grouped_matmul(x, w, group_sizes, precision=precision,
                                              backend=backend)
+
+
+def routed_experts(run: Callable[..., jax.Array], x: jax.Array, experts: jax.Array,
+                   weights: jax.Array, expert_params: tuple[jax.Array, ...]) -> jax.Array:
+    """``run(x, experts, weights, expert_params)`` (the routed-expert MLP of tokens ``x [B, T, H]``
+    with their chosen ``experts`` / combine ``weights [B, T, k]``) per batch shard under the mesh:
+    each shard sorts and multiplies only its own tokens, with every expert's weights whole (stored
+    sharded over ``fsdp`` / ``expert``, they are gathered per layer as FSDP gathers any weight;
+    the expert-parallel all-to-all dispatch is not written)."""
+    def specs(b, h):
+        rows = P(b, None, None)
+        return (rows, rows, rows, tuple(P() for _ in expert_params)), rows
+
+    return _per_shard(run, x.shape[0], (), specs)(x, experts, weights, expert_params)

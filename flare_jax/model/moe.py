@@ -98,28 +98,21 @@ class Experts(nnx.Module):
                                                          self.down_proj))
 
     def grouped(self, x: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
-        """``sum_j weights[n, j] * expert_{experts[n, j]}(x[n])`` for ``x [N, hidden]`` via
-        grouped matmuls over the ``N * k`` token copies sorted by expert. Returns fp32."""
-        n, k = experts.shape
-        num_experts = self.gate_proj.shape[0]
-        flat = experts.reshape(-1)
-        order = jnp.argsort(flat, stable=True)
-        group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-        xs = jnp.take(x.astype(self.dtype), order // k, axis=0)  # [N*k, hidden] sorted by expert
-        w_gate, w_up, w_down = self._weights()
-        prec = matmul_precision(self.dtype)
+        """``sum_j weights[..., j] * expert_{experts[..., j]}(x[...])`` for ``x [B, T, hidden]``
+        (``experts`` / ``weights [B, T, k]``) via grouped matmuls over the token copies sorted by
+        expert, per batch shard under a mesh (:func:`flare_jax.ops.routed_experts`). fp32."""
+        backend, dtype = self.backend, self.dtype
 
-        def mm(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-            return ops.grouped_matmul(lhs, rhs, group_sizes, precision=prec,
-                                      backend=self.backend)
+        def run(x, experts, weights, params):
+            out = grouped_experts(x.reshape(-1, x.shape[-1]), experts.reshape(-1, experts.shape[-1]),
+                                  weights.reshape(-1, weights.shape[-1]), params, dtype, backend)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
 
-        act = (jax.nn.silu(mm(xs, w_gate)) * mm(xs, w_up)).astype(self.dtype)
-        ys = mm(act, w_down)  # [N*k, hidden] fp32, sorted
-        unsorted = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
-        return jnp.einsum("nkh,nk->nh", unsorted, weights.astype(jnp.float32))
+        return ops.routed_experts(run, x, experts, weights, self._weights())
 
     def dense(self, x: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
-        """Same result as :meth:`grouped` by running every expert on every token (the oracle)."""
+        """:meth:`grouped` of flat tokens ``x [N, hidden]`` by running every expert on every token
+        (the oracle)."""
         w_gate, w_up, w_down = self._weights()
         prec = matmul_precision(self.dtype)
         x = x.astype(self.dtype)
@@ -132,6 +125,30 @@ class Experts(nnx.Module):
         combine = jnp.sum(jax.nn.one_hot(experts, w_gate.shape[0], dtype=jnp.float32)
                           * weights.astype(jnp.float32)[..., None], axis=1)  # [N, E]
         return jnp.einsum("enh,ne->nh", ys, combine)
+
+
+def grouped_experts(x: jax.Array, experts: jax.Array, weights: jax.Array,
+                    params: tuple[jax.Array, jax.Array, jax.Array], dtype: Dtype,
+                    backend: str) -> jax.Array:
+    """The routed SwiGLU experts of tokens ``x [N, hidden]``, ``experts`` / ``weights [N, k]``,
+    with ``params`` = (gate, up ``[E, hidden, I]``, down ``[E, I, hidden]``) in ``dtype``: each
+    token is repeated ``k`` times, the copies are sorted by expert and every expert multiplies its
+    contiguous run (:func:`flare_jax.ops.grouped_matmul`). Returns fp32 ``[N, hidden]``."""
+    n, k = experts.shape
+    w_gate, w_up, w_down = params
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=w_gate.shape[0]).astype(jnp.int32)
+    xs = jnp.take(x.astype(dtype), order // k, axis=0)  # [N*k, hidden] sorted by expert
+    prec = matmul_precision(dtype)
+
+    def mm(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+        return ops.grouped_matmul(lhs, rhs, group_sizes, precision=prec, backend=backend)
+
+    act = (jax.nn.silu(mm(xs, w_gate)) * mm(xs, w_up)).astype(dtype)
+    ys = mm(act, w_down)  # [N*k, hidden] fp32, sorted
+    unsorted = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
+    return jnp.einsum("nkh,nk->nh", unsorted, weights.astype(jnp.float32))
 
 
 class SparseMoE(nnx.Module):
@@ -164,8 +181,13 @@ class SparseMoE(nnx.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         routing = self.router(flat)
-        run = self.experts.dense if dense else self.experts.grouped
-        routed = run(flat, routing.experts, routing.weights)
+        if dense:
+            routed = self.experts.dense(flat, routing.experts, routing.weights)
+        else:
+            rows = x.reshape(-1, *shape[-2:]) if x.ndim > 2 else flat[None]
+            routed = self.experts.grouped(rows, *(r.reshape(*rows.shape[:-1], -1) for r in
+                                                  (routing.experts, routing.weights)))
+            routed = routed.reshape(-1, shape[-1])
         shared_gate = jax.nn.sigmoid(self.shared_expert_gate(flat).astype(jnp.float32))
         out = routed + shared_gate * self.shared_expert(flat).astype(jnp.float32)
         mask = None if token_mask is None else token_mask.reshape(-1)
