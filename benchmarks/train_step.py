@@ -24,6 +24,8 @@ Several configurations in one process (compiled side by side, then timed one at 
 cost breakdown of the FLARE step (pieces timed separately, with their share of the step):
   python benchmarks/train_step.py --variant flare,1,remat,8192 --variant causal,1,remat,8192 \
       --variant flare,1,no-remat,0 --breakdown --breakdown-chunks 8192,32768 --compile-workers 8
+``--profile DIR`` also traces two steps of each variant (``jax.profiler``, kept in DIR) and adds
+its 25 costliest kernels by device time to the row (``benchmarks/trace_summary.py``).
 """
 
 from __future__ import annotations
@@ -212,6 +214,18 @@ def _measure_step(setup: Setup, variant: Variant, args, batch, compiled, compile
         history.append(metrics)
     jax.block_until_ready(history)
     step_s = (time.perf_counter() - start) / args.steps
+    profile = {}
+    if args.profile is not None:
+        from trace_summary import profile_top
+
+        carried = [state]  # the step donates its state: thread it through the traced calls
+
+        def call():
+            carried[0], step_metrics = compiled(carried[0], batch)
+            return step_metrics
+
+        profile["profile_top"] = profile_top(
+            call, calls=2, trace_dir=str(args.profile / variant.label().replace(" ", "_")))
     devices = setup.mesh.devices.size
     flops = variant.batch * train_flops_per_row(setup.config, args.seq, setup.cfg.block_size,
                                                 flare=variant.objective == "flare")
@@ -224,7 +238,7 @@ def _measure_step(setup: Setup, variant: Variant, args, batch, compiled, compile
             "tokens_per_s_per_device": tokens_per_s / devices,
             "model_tflops": flops / 1e12, "mfu": flops / step_s / devices / PEAK_FLOPS,
             "compile_s": compile_s, "first_step_s": first_s,
-            "losses": [float(m["loss"]) for m in history], **_program_stats(compiled),
+            "losses": [float(m["loss"]) for m in history], **_program_stats(compiled), **profile,
             "device": jax.devices()[0].device_kind}
 
 
@@ -604,6 +618,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=CONFIG, help="a configs/*.py file")
     parser.add_argument("--override", action="append", default=[],
                         help="config.a.b=value, applied to --config (repeatable)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="after timing each variant, trace 2 more steps into this folder and "
+                             "add the top kernels by device time to its row (profile_top)")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the rows as JSON (process 0), rewritten after each row")
     args = parser.parse_args()
