@@ -45,7 +45,8 @@ def test_group_period(types, period):
 def test_scanned_layers_equal_unrolled_layers():
     """Layers [L, F] x 2 + L: a scan over 2 groups of 2, then the tail layer unrolled. The scanned
     run also remats (the unrolled one does not: remat must not change numbers) and both apply a
-    ``constrain`` hook that scales the hidden states, so a missed or extra call would show."""
+    ``constrain`` hook that scales the hidden states, so a missed or extra call would show; the
+    same for the causal call."""
     model = HybridLM(model_config([L, F, L, F, L]), dtype=jnp.float32, rngs=nnx.Rngs(3))
     graphdef, params = nnx.split(model)
     rng = np.random.default_rng(0)
@@ -59,7 +60,7 @@ def test_scanned_layers_equal_unrolled_layers():
         m = nnx.merge(graphdef, params)
         out_clean, out_noisy = m.flare(clean, noisy, layout, remat=scan,
                                        constrain=lambda h: 0.9 * h, scan_layers=scan)
-        causal, _ = m(clean, segments, scan_layers=scan)
+        causal, _ = m(clean, segments, scan_layers=scan, remat=scan, constrain=lambda h: 0.9 * h)
         outs = (out_clean, out_noisy, causal)
         return sum(jnp.sum(w * o) for w, o in zip(weights, outs, strict=True)), outs
 

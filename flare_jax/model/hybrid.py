@@ -147,11 +147,14 @@ class HybridLM(nnx.Module):
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: DecodeCache | None = None, *,
                  scan_layers: bool = False, token_mask: jax.Array | None = None,
-                 with_router_stats: bool = False, normed_hidden: bool = False) -> tuple:
+                 with_router_stats: bool = False, normed_hidden: bool = False,
+                 remat: bool = False, constrain: Callable[[jax.Array], jax.Array] | None = None
+                 ) -> tuple:
         """Causal mode. ``tokens [B, T]``; documents marked by ``segment_ids`` (default: one per
         row); ``positions`` default to positions inside each document, and are required with a cache.
         Without a cache, ``scan_layers`` runs repeated layer groups in one ``lax.scan`` (see
-        :func:`~flare_jax.model.layer_scan.run_layers`; same numbers, faster compile).
+        :func:`~flare_jax.model.layer_scan.run_layers`; same numbers, faster compile), and
+        ``remat`` / ``constrain`` act as in :meth:`flare` (training).
         Returns ``(logits, cache or None)``; with ``with_router_stats`` (no cache) also the MoE
         router statistics summed over the layers, counting the tokens where ``token_mask [B, T]``
         is True (all by default; None for a dense model):
@@ -177,11 +180,14 @@ class HybridLM(nnx.Module):
         plan = _CallPlan(q_layout, q_layout)
         collect = with_router_stats and self.config.num_experts > 0
 
+        keep = constrain if constrain is not None else (lambda x: x)
+
         def apply(layer: DecoderLayer, h: jax.Array) -> tuple[jax.Array, RouterStats | None]:
             h, _, _, stats = layer.causal(h, segment_ids, plan, None, False, token_mask)
-            return h, stats if collect else None
+            return keep(h), stats if collect else None
 
-        h, stats = run_layers(self.layers, self._embed(tokens), apply, scan=scan_layers,
+        h, stats = run_layers(self.layers, keep(self._embed(tokens)), apply, scan=scan_layers,
+                              remat=remat,
                               aux=RouterStats.zeros(self.config.num_experts) if collect else None)
         logits = self._final_hidden(h) if normed_hidden else self._logits(h)
         return (logits, None, stats) if with_router_stats else (logits, None)

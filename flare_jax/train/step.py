@@ -95,7 +95,7 @@ class StepConfig:
     noise: NoiseConfig
     loss: LossConfig
     grad_accum: int = 1
-    remat: bool = False  # recompute each decoder layer in the backward pass (FLARE objective)
+    remat: bool = False  # recompute each decoder layer in the backward pass (both objectives)
     scan_layers: bool = True  # one lax.scan over repeated layer groups (same numbers, fast compile)
     objective: str = "flare"  # or "causal": the plain AR baseline on the clean row only
     # cross-entropy over vocabulary chunks of this many tokens, never holding the [B, L, V]
@@ -158,7 +158,8 @@ def make_train_step(binder: ModelBinder, tx: optax.GradientTransformation, cfg: 
         if cfg.objective == "causal":
             outputs, _, stats = model(tokens, segment_ids, scan_layers=cfg.scan_layers,
                                       token_mask=router_mask, with_router_stats=True,
-                                      normed_hidden=chunked)
+                                      normed_hidden=chunked, remat=cfg.remat,
+                                      constrain=constrain)
             mean, metrics = _causal_loss(outputs, tokens, loss_mask, segment_ids, cross_entropy)
             weight = metrics["ar_tokens"]
         else:
