@@ -127,15 +127,33 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
                                              backend=backend)
 
 
+EXPERT_AXIS = "expert"
+
+
 def routed_experts(run: Callable[..., jax.Array], x: jax.Array, experts: jax.Array,
                    weights: jax.Array, expert_params: tuple[jax.Array, ...]) -> jax.Array:
-    """``run(x, experts, weights, expert_params)`` (the routed-expert MLP of tokens ``x [B, T, H]``
-    with their chosen ``experts`` / combine ``weights [B, T, k]``) per batch shard under the mesh:
-    each shard sorts and multiplies only its own tokens, with every expert's weights whole (stored
-    sharded over ``fsdp`` / ``expert``, they are gathered per layer as FSDP gathers any weight;
-    the expert-parallel all-to-all dispatch is not written)."""
+    """``run(x, experts, weights, expert_params, expert_axis)``: the routed-expert MLP of tokens
+    ``x [B, T, H]`` with their chosen ``experts`` / combine ``weights [B, T, k]``, per batch shard
+    under the mesh (each shard sorts and multiplies only its own tokens).
+
+    With an ``expert`` mesh axis that splits both the batch and the experts (``expert_params``
+    ``[E, ...]``), ``run`` gets this device's ``E / n`` experts and ``expert_axis="expert"``, and
+    exchanges token copies with the devices that own their experts (expert parallelism);
+    otherwise it gets every expert (gathered where stored sharded) and ``expert_axis=None``.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    b = None if mesh.empty else _split_axes(BATCH_AXES, x.shape[0], mesh)
+    devices = 1 if mesh.empty else mesh.shape.get(EXPERT_AXIS, 1)
+    parallel = (b is not None and EXPERT_AXIS in b and devices > 1
+                and expert_params[0].shape[0] % devices == 0)
+    axis = EXPERT_AXIS if parallel else None
+
+    def local(x, experts, weights, params):
+        return run(x, experts, weights, params, axis)
+
     def specs(b, h):
         rows = P(b, None, None)
-        return (rows, rows, rows, tuple(P() for _ in expert_params)), rows
+        expert = P(axis, *[None] * (expert_params[0].ndim - 1))
+        return (rows, rows, rows, tuple(expert for _ in expert_params)), rows
 
-    return _per_shard(run, x.shape[0], (), specs)(x, experts, weights, expert_params)
+    return _per_shard(local, x.shape[0], (), specs)(x, experts, weights, expert_params)

@@ -103,9 +103,11 @@ class Experts(nnx.Module):
         expert, per batch shard under a mesh (:func:`flare_jax.ops.routed_experts`). fp32."""
         backend, dtype = self.backend, self.dtype
 
-        def run(x, experts, weights, params):
-            out = grouped_experts(x.reshape(-1, x.shape[-1]), experts.reshape(-1, experts.shape[-1]),
-                                  weights.reshape(-1, weights.shape[-1]), params, dtype, backend)
+        def run(x, experts, weights, params, axis):
+            flat = (x.reshape(-1, x.shape[-1]), experts.reshape(-1, experts.shape[-1]),
+                    weights.reshape(-1, weights.shape[-1]), params, dtype, backend)
+            out = (grouped_experts(*flat) if axis is None
+                   else expert_parallel_experts(*flat, axis=axis))
             return out.reshape(*x.shape[:-1], out.shape[-1])
 
         return ops.routed_experts(run, x, experts, weights, self._weights())
@@ -127,27 +129,72 @@ class Experts(nnx.Module):
         return jnp.einsum("enh,ne->nh", ys, combine)
 
 
-def grouped_experts(x: jax.Array, experts: jax.Array, weights: jax.Array,
-                    params: tuple[jax.Array, jax.Array, jax.Array], dtype: Dtype,
-                    backend: str) -> jax.Array:
-    """The routed SwiGLU experts of tokens ``x [N, hidden]``, ``experts`` / ``weights [N, k]``,
-    with ``params`` = (gate, up ``[E, hidden, I]``, down ``[E, I, hidden]``) in ``dtype``: each
-    token is repeated ``k`` times, the copies are sorted by expert and every expert multiplies its
-    contiguous run (:func:`flare_jax.ops.grouped_matmul`). Returns fp32 ``[N, hidden]``."""
-    n, k = experts.shape
+ExpertParams = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def _swiglu_rows(rows: jax.Array, group_sizes: jax.Array, params: ExpertParams, dtype: Dtype,
+                 backend: str) -> jax.Array:
+    """The SwiGLU experts of ``rows [R, hidden]`` sorted by expert (``group_sizes [E]``, rows past
+    their sum give zeros) with ``params`` = (gate, up ``[E, hidden, I]``, down ``[E, I, hidden]``).
+    Returns fp32 ``[R, hidden]``."""
     w_gate, w_up, w_down = params
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=w_gate.shape[0]).astype(jnp.int32)
-    xs = jnp.take(x.astype(dtype), order // k, axis=0)  # [N*k, hidden] sorted by expert
     prec = matmul_precision(dtype)
 
     def mm(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
         return ops.grouped_matmul(lhs, rhs, group_sizes, precision=prec, backend=backend)
 
-    act = (jax.nn.silu(mm(xs, w_gate)) * mm(xs, w_up)).astype(dtype)
-    ys = mm(act, w_down)  # [N*k, hidden] fp32, sorted
+    act = (jax.nn.silu(mm(rows, w_gate)) * mm(rows, w_up)).astype(dtype)
+    return mm(act, w_down)
+
+
+def _sort_by_expert(ids: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """The order that sorts ``ids`` (stable) and the size of every expert's run; ids equal to
+    ``num_experts`` (padding) sort last and belong to no run."""
+    order = jnp.argsort(ids, stable=True)
+    return order, jnp.bincount(ids, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+
+
+def grouped_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, params: ExpertParams,
+                    dtype: Dtype, backend: str) -> jax.Array:
+    """The routed SwiGLU experts of tokens ``x [N, hidden]``, ``experts`` / ``weights [N, k]``:
+    each token is repeated ``k`` times, the copies are sorted by expert and every expert
+    multiplies its contiguous run (:func:`flare_jax.ops.grouped_matmul`). Returns fp32
+    ``[N, hidden]``."""
+    n, k = experts.shape
+    order, group_sizes = _sort_by_expert(experts.reshape(-1), params[0].shape[0])
+    xs = jnp.take(x.astype(dtype), order // k, axis=0)  # [N*k, hidden] sorted by expert
+    ys = _swiglu_rows(xs, group_sizes, params, dtype, backend)
     unsorted = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
+    return jnp.einsum("nkh,nk->nh", unsorted, weights.astype(jnp.float32))
+
+
+def expert_parallel_experts(x: jax.Array, experts: jax.Array, weights: jax.Array,
+                            params: ExpertParams, dtype: Dtype, backend: str,
+                            axis: str) -> jax.Array:
+    """:func:`grouped_experts` inside ``shard_map`` with the experts split over mesh ``axis``:
+    this device holds experts ``[d * E_l, (d + 1) * E_l)`` (``params`` ``[E_l, ...]``). Token
+    copies go to the device of their expert (``all_to_all``), are multiplied there with the
+    copies every other device sent, and come back; no copy is dropped (each destination has room
+    for all ``N * k`` copies of a device), so the result equals the single-device one."""
+    n, k = experts.shape
+    local_experts = params[0].shape[0]
+    devices = jax.lax.psum(1, axis)
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # by global expert: by destination, then local expert
+    dest = (flat // local_experts)[order]
+    counts = jnp.bincount(dest, length=devices)
+    slot = jnp.arange(n * k) - (jnp.cumsum(counts) - counts)[dest]
+    send = jnp.zeros((devices, n * k, x.shape[-1]), dtype).at[dest, slot].set(
+        jnp.take(x.astype(dtype), order // k, axis=0))
+    send_ids = jnp.full((devices, n * k), local_experts, jnp.int32).at[dest, slot].set(
+        flat[order] % local_experts)
+    rows = jax.lax.all_to_all(send, axis, 0, 0).reshape(-1, x.shape[-1])  # [source * N*k, hidden]
+    ids = jax.lax.all_to_all(send_ids, axis, 0, 0).reshape(-1)
+    local_order, group_sizes = _sort_by_expert(ids, local_experts)
+    ys = _swiglu_rows(rows[local_order], group_sizes, params, dtype, backend)
+    ys = jnp.zeros_like(ys).at[local_order].set(ys).reshape(devices, n * k, -1)
+    copies = jax.lax.all_to_all(ys, axis, 0, 0)[dest, slot]  # back, in the sorted copy order
+    unsorted = jnp.zeros_like(copies).at[order].set(copies).reshape(n, k, -1)
     return jnp.einsum("nkh,nk->nh", unsorted, weights.astype(jnp.float32))
 
 
