@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,8 +16,40 @@ def matmul_precision(dtype: Dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def project(x: jax.Array, kernel: jax.Array, precision: jax.lax.Precision) -> jax.Array:
+    """``x [..., in] @ kernel [in, out]`` in ``x``'s dtype (both operands in it), accumulated in
+    fp32 and rounded once. Its backward keeps the compute dtype too: ``dx = g kernel^T`` and
+    ``dkernel = x^T g`` take the cotangent ``g`` (already in ``x``'s dtype) with fp32
+    accumulation. Autodiff of an fp32-accumulated einsum would instead hand the transposed matmuls
+    an fp32 cotangent next to a bf16 operand, which XLA runs as fp32 matmuls."""
+    return _project_fwd(x, kernel, precision)[0]
+
+
+def _project_fwd(x: jax.Array, kernel: jax.Array, precision: jax.lax.Precision
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    y = jnp.einsum("...i,io->...o", x, kernel, preferred_element_type=jnp.float32,
+                   precision=precision)
+    return y.astype(x.dtype), (x, kernel)
+
+
+def _project_bwd(precision: jax.lax.Precision, residuals: tuple[jax.Array, jax.Array],
+                 g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = residuals
+    g = g.astype(x.dtype)
+    dx = jnp.einsum("...o,io->...i", g, kernel, preferred_element_type=jnp.float32,
+                    precision=precision)
+    dkernel = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32,
+                         precision=precision)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 class Dense(nnx.Module):
-    """``y = x @ kernel`` with ``kernel [in, out]``; compute in ``dtype``, accumulate in fp32."""
+    """``y = x @ kernel`` with ``kernel [in, out]``; compute in ``dtype``, accumulate in fp32
+    (forward and backward, :func:`project`)."""
 
     def __init__(self, in_features: int, out_features: int, *, dtype: Dtype, param_dtype: Dtype,
                  rngs: nnx.Rngs, init_scale: float = 0.02):
@@ -24,9 +58,8 @@ class Dense(nnx.Module):
             init_scale * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                       preferred_element_type=jnp.float32, precision=matmul_precision(self.dtype))
-        return y.astype(self.dtype)
+        return project(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                       matmul_precision(self.dtype))
 
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
