@@ -444,6 +444,10 @@ def train_cli(out: Path, signal_at: int, signum: int, hold_save: int, *argv: str
             state, metrics = step_fn(state, batch)
             if ending == signal_at:
                 os.kill(os.getpid(), signum)
+                # Let the preemption notice reach JAX's coordination service before the next
+                # steps are dispatched: on a loaded machine the short run could otherwise end
+                # before any step sees it.
+                time.sleep(2)
             return state, metrics
 
         return run
