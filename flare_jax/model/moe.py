@@ -154,18 +154,29 @@ def _sort_by_expert(ids: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Ar
     return order, jnp.bincount(ids, length=num_experts + 1)[:num_experts].astype(jnp.int32)
 
 
+def _unsort(rows: jax.Array, order: jax.Array) -> jax.Array:
+    """Rows given in the order ``order`` sorted them, back in their original order."""
+    return jnp.zeros_like(rows).at[order].set(rows)
+
+
+def _combine(copies: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
+    """``sum_j weights[n, j] * copy[n, j]`` from the expert outputs of the ``N * k`` token copies
+    ``[N*k, hidden]`` in the sorted ``order``; fp32 ``[N, hidden]``."""
+    n, k = weights.shape
+    unsorted = _unsort(copies, order).reshape(n, k, -1)
+    return jnp.einsum("nkh,nk->nh", unsorted, weights.astype(jnp.float32))
+
+
 def grouped_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, params: ExpertParams,
                     dtype: Dtype, backend: str) -> jax.Array:
     """The routed SwiGLU experts of tokens ``x [N, hidden]``, ``experts`` / ``weights [N, k]``:
     each token is repeated ``k`` times, the copies are sorted by expert and every expert
     multiplies its contiguous run (:func:`flare_jax.ops.grouped_matmul`). Returns fp32
     ``[N, hidden]``."""
-    n, k = experts.shape
+    k = experts.shape[1]
     order, group_sizes = _sort_by_expert(experts.reshape(-1), params[0].shape[0])
     xs = jnp.take(x.astype(dtype), order // k, axis=0)  # [N*k, hidden] sorted by expert
-    ys = _swiglu_rows(xs, group_sizes, params, dtype, backend)
-    unsorted = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
-    return jnp.einsum("nkh,nk->nh", unsorted, weights.astype(jnp.float32))
+    return _combine(_swiglu_rows(xs, group_sizes, params, dtype, backend), order, weights)
 
 
 def expert_parallel_experts(x: jax.Array, experts: jax.Array, weights: jax.Array,
@@ -191,11 +202,10 @@ def expert_parallel_experts(x: jax.Array, experts: jax.Array, weights: jax.Array
     rows = jax.lax.all_to_all(send, axis, 0, 0).reshape(-1, x.shape[-1])  # [source * N*k, hidden]
     ids = jax.lax.all_to_all(send_ids, axis, 0, 0).reshape(-1)
     local_order, group_sizes = _sort_by_expert(ids, local_experts)
-    ys = _swiglu_rows(rows[local_order], group_sizes, params, dtype, backend)
-    ys = jnp.zeros_like(ys).at[local_order].set(ys).reshape(devices, n * k, -1)
+    ys = _unsort(_swiglu_rows(rows[local_order], group_sizes, params, dtype, backend),
+                 local_order).reshape(devices, n * k, -1)
     copies = jax.lax.all_to_all(ys, axis, 0, 0)[dest, slot]  # back, in the sorted copy order
-    unsorted = jnp.zeros_like(copies).at[order].set(copies).reshape(n, k, -1)
-    return jnp.einsum("nkh,nk->nh", unsorted, weights.astype(jnp.float32))
+    return _combine(copies, order, weights)
 
 
 class SparseMoE(nnx.Module):
@@ -231,10 +241,11 @@ class SparseMoE(nnx.Module):
         if dense:
             routed = self.experts.dense(flat, routing.experts, routing.weights)
         else:
-            rows = x.reshape(-1, *shape[-2:]) if x.ndim > 2 else flat[None]
-            routed = self.experts.grouped(rows, *(r.reshape(*rows.shape[:-1], -1) for r in
-                                                  (routing.experts, routing.weights)))
-            routed = routed.reshape(-1, shape[-1])
+            # [rows, tokens, ...]: the leading axis is what a mesh splits
+            lead = (-1, shape[-2]) if x.ndim > 2 else (1, -1)
+            routed = self.experts.grouped(
+                x.reshape(*lead, shape[-1]), routing.experts.reshape(*lead, self.top_k),
+                routing.weights.reshape(*lead, self.top_k)).reshape(-1, shape[-1])
         shared_gate = jax.nn.sigmoid(self.shared_expert_gate(flat).astype(jnp.float32))
         out = routed + shared_gate * self.shared_expert(flat).astype(jnp.float32)
         mask = None if token_mask is None else token_mask.reshape(-1)
