@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.block_attention import api as attention_api
 from pallas_kernels.block_attention.mask import TokenLayout
+from pallas_kernels.causal_conv import api as causal_conv_api
 from pallas_kernels.gated_delta import api as gated_delta_api
 from pallas_kernels.gated_delta.api import GatedDeltaInputs
 from pallas_kernels.grouped_matmul import api as grouped_matmul_api
@@ -60,6 +61,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
 
     return _per_shard(run, q.shape[0], (q.shape[2], k.shape[2]), specs)(
         q, k, v, q_layout, kv_layout)
+
+
+def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
+                     context: jax.Array | None = None, clean: jax.Array | None = None,
+                     block_size: int | None = None, backend: str = "auto") -> jax.Array:
+    """The Gated DeltaNet's depthwise causal conv + SiLU over ``x [B, T, C]`` (document-aware,
+    decoding ``context``, FLARE handoff from ``clean``); channels split like heads."""
+    def run(x, weight, segment_ids, context, clean):
+        return causal_conv_api.causal_conv_silu(x, weight, segment_ids, context=context,
+                                                clean=clean, block_size=block_size,
+                                                backend=backend)
+
+    def specs(b, h):
+        stream = P(b, None, h)
+        return ((stream, P(None, h), P(b, None), None if context is None else stream,
+                 None if clean is None else stream), stream)
+
+    return _per_shard(run, x.shape[0], (x.shape[2],), specs)(x, weight, segment_ids, context, clean)
 
 
 MAX_CHUNK = 64

@@ -10,7 +10,7 @@ from flax import nnx
 from flare_jax import ops
 from flare_jax.config import ModelConfig
 from flare_jax.model.cache import LinearCache, LinearPending
-from flare_jax.model.conv import causal_depthwise_conv, conv_window
+from flare_jax.model.conv import conv_window
 from flare_jax.model.layers import Dense, Dtype, GatedRMSNorm
 from pallas_kernels.gated_delta.api import GatedDeltaInputs
 
@@ -48,8 +48,8 @@ class GatedDeltaNet(nnx.Module):
         self.out_proj = Dense(c.linear_value_dim, c.hidden_size, **kw)
 
     def _conv(self, mixed: jax.Array, segment_ids: jax.Array, **kwargs) -> jax.Array:
-        out = causal_depthwise_conv(mixed, self.conv_weight[...], segment_ids, **kwargs)
-        return jax.nn.silu(out.astype(jnp.float32)).astype(self.dtype)
+        return ops.causal_conv_silu(mixed, self.conv_weight[...], segment_ids,
+                                    backend=self.backend, **kwargs)
 
     def _inputs(self, x: jax.Array, conv_out: jax.Array) -> GatedDeltaInputs:
         c = self.config
