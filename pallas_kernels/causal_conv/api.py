@@ -57,6 +57,9 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
     padded_seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], pad, axis=1), segment_ids], axis=1)
     padded_clean = None
     if clean is not None:
+        if not block_size or block_size < 1:
+            raise ValueError(f"causal_conv_silu: a clean stream (FLARE handoff) needs a positive "
+                             f"block_size, got {block_size!r}")
         padded_clean = jnp.concatenate([jnp.zeros_like(context, x.dtype), clean.astype(x.dtype)],
                                        axis=1)
     else:

@@ -103,6 +103,12 @@ def test_gpu_backward_lowers_to_triton(block_size):
     assert text.count("__gpu$xla.gpu.triton") == 1
 
 
+def test_handoff_without_block_size_is_an_error():
+    x = jnp.zeros((1, 8, 16))
+    with pytest.raises(ValueError, match="needs a positive block_size, got None"):
+        causal_conv_silu(x, jnp.zeros((KERNEL, 16)), jnp.zeros((1, 8), jnp.int32), clean=x)
+
+
 def test_gpu_backward_rejects_channel_counts_off_the_tile():
     x = jnp.zeros((1, 8, 24))
     with pytest.raises(ValueError, match="multiple of 16, got 24"):
