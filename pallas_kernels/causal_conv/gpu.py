@@ -104,6 +104,9 @@ def conv_silu_bwd(padded_x: jax.Array, padded_clean: jax.Array | None, weight: j
                   interpret: bool = False) -> ConvGrads:
     """Gradients of :func:`reference.conv_silu` for the output cotangent ``d_out [B, T, C]``."""
     kernel = weight.shape[0]
+    if kernel & (kernel - 1) and not interpret:
+        raise ValueError(f"the GPU conv kernel needs a power-of-two conv kernel size "
+                         f"(linear_conv_kernel_dim), got {kernel}")
     pad = kernel - 1
     batch, padded_len, channels = padded_x.shape
     block_c = _block_c(channels, interpret)

@@ -109,8 +109,12 @@ def test_handoff_without_block_size_is_an_error():
         causal_conv_silu(x, jnp.zeros((KERNEL, 16)), jnp.zeros((1, 8), jnp.int32), clean=x)
 
 
-def test_gpu_backward_rejects_channel_counts_off_the_tile():
-    x = jnp.zeros((1, 8, 24))
-    with pytest.raises(ValueError, match="multiple of 16, got 24"):
-        gpu.conv_silu_bwd(x, None, jnp.zeros((KERNEL, 24)), jnp.zeros((1, 8), jnp.int32), None,
-                          jnp.zeros((1, 5, 24)))
+@pytest.mark.parametrize("kernel,channels,message", [
+    (KERNEL, 24, "multiple of 16, got 24"),
+    (3, 32, "power-of-two conv kernel size \\(linear_conv_kernel_dim\\), got 3"),
+])
+def test_gpu_backward_rejects_shapes_off_its_tiles(kernel, channels, message):
+    x = jnp.zeros((1, 8, channels))
+    with pytest.raises(ValueError, match=message):
+        gpu.conv_silu_bwd(x, None, jnp.zeros((kernel, channels)), jnp.zeros((1, 8), jnp.int32),
+                          None, jnp.zeros((1, 9 - kernel, channels)))
