@@ -26,9 +26,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.gpu_tiles import dividing_tile
+
 BLOCK_T = 16
 BLOCK_C = 128
-MIN_BLOCK_C = 16
 NO_SEGMENT = -1
 
 
@@ -39,18 +40,6 @@ class ConvGrads(NamedTuple):
     d_x: jax.Array
     d_clean: jax.Array | None
     d_weight: jax.Array
-
-
-def _block_c(channels: int, interpret: bool) -> int:
-    block = BLOCK_C
-    while block > MIN_BLOCK_C and channels % block:
-        block //= 2
-    if channels % block:
-        if interpret:
-            return channels
-        raise ValueError(f"the GPU conv kernel needs a channel count that is a multiple of "
-                         f"{MIN_BLOCK_C}, got {channels}")
-    return block
 
 
 def _bwd_kernel(x_ref, clean_ref, seg_ref, w_ref, dy_ref, dx_ref, dclean_ref, dw_ref, *,
@@ -109,7 +98,8 @@ def conv_silu_bwd(padded_x: jax.Array, padded_clean: jax.Array | None, weight: j
                          f"(linear_conv_kernel_dim), got {kernel}")
     pad = kernel - 1
     batch, padded_len, channels = padded_x.shape
-    block_c = _block_c(channels, interpret)
+    block_c = dividing_tile(channels, BLOCK_C, interpret=interpret,
+                            what="the GPU conv kernel's channel count")
     tiles = pl.cdiv(padded_len, BLOCK_T)
     total = tiles * BLOCK_T + 2 * pad  # every shifted load in bounds
 

@@ -26,10 +26,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.gpu_tiles import dividing_tile
+
 BLOCK_M = 64
 BLOCK_C = 64  # contraction
 BLOCK_D = 128  # output columns
-MIN_TILE = 16
 
 
 class WorkItems(NamedTuple):
@@ -66,18 +67,11 @@ def work_items(group_sizes: jax.Array, num_tiles: int, block_m: int) -> WorkItem
     return WorkItems(group, tile, count.reshape(1), starts, ends)
 
 
-def _block(dim: int, want: int, interpret: bool) -> int:
-    """Largest power-of-two tile <= ``want`` that divides ``dim`` (Triton tiles are powers of two
-    of at least 16; interpret mode also takes a whole odd-sized dimension)."""
-    block = want
-    while block > MIN_TILE and dim % block:
-        block //= 2
-    if dim % block:
-        if interpret:
-            return dim
-        raise ValueError(f"the GPU grouped matmul needs expert matrix sides that are multiples "
-                         f"of {MIN_TILE}, got {dim}")
-    return block
+def _expert_tiles(contract: int, out_cols: int, interpret: bool) -> tuple[int, int]:
+    """Contraction and output-column tiles of one expert matrix ``[contract, out_cols]``."""
+    what = "the GPU grouped matmul's expert matrix sides"
+    return (dividing_tile(contract, BLOCK_C, interpret=interpret, what=what),
+            dividing_tile(out_cols, BLOCK_D, interpret=interpret, what=what))
 
 
 def _gmm_kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, x_ref, w_ref, zeros_ref,
@@ -122,7 +116,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     rows, contract = x.shape
     out_cols = w.shape[1] if transpose_w else w.shape[2]
     block_m = BLOCK_M
-    block_c, block_d = _block(contract, BLOCK_C, interpret), _block(out_cols, BLOCK_D, interpret)
+    block_c, block_d = _expert_tiles(contract, out_cols, interpret)
     padded = _pad_rows(x, block_m)
     items = work_items(group_sizes, padded.shape[0] // block_m, block_m)
     out = pl.pallas_call(
@@ -167,7 +161,7 @@ def grouped_outer(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *,
     contract, out_cols = x.shape[1], dy.shape[1]
     num_groups = group_sizes.shape[0]
     block_m = BLOCK_M
-    block_c, block_d = _block(contract, BLOCK_C, interpret), _block(out_cols, BLOCK_D, interpret)
+    block_c, block_d = _expert_tiles(contract, out_cols, interpret)
     return pl.pallas_call(
         functools.partial(_tgmm_kernel, block_m=block_m, block_c=block_c, block_d=block_d),
         grid=(num_groups, contract // block_c, out_cols // block_d),

@@ -110,7 +110,7 @@ def test_handoff_without_block_size_is_an_error():
 
 
 @pytest.mark.parametrize("kernel,channels,message", [
-    (KERNEL, 24, "multiple of 16, got 24"),
+    (KERNEL, 24, "channel count must be a multiple of 16, got 24"),
     (3, 32, "power-of-two conv kernel size \\(linear_conv_kernel_dim\\), got 3"),
 ])
 def test_gpu_backward_rejects_shapes_off_its_tiles(kernel, channels, message):

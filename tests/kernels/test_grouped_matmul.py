@@ -80,3 +80,9 @@ def test_gpu_kernels_lower_to_triton():
         lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3
     assert text.count("grouped_matmul") >= 2 and "grouped_outer" in text
+
+
+def test_gpu_kernels_reject_expert_sides_off_the_tile():
+    x, w, group_sizes, _ = case([8, 8], contract=24)
+    with pytest.raises(ValueError, match="expert matrix sides must be a multiple of 16, got 24"):
+        gpu.grouped_matmul(x, w, group_sizes)
