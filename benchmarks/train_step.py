@@ -25,7 +25,9 @@ cost breakdown of the FLARE step (pieces timed separately, with their share of t
   python benchmarks/train_step.py --variant flare,1,remat,8192 --variant causal,1,remat,8192 \
       --variant flare,1,no-remat,0 --breakdown --breakdown-chunks 8192,32768 --compile-workers 8
 ``--profile DIR`` also traces two steps of each variant (``jax.profiler``, kept in DIR) and adds
-its 25 costliest kernels by device time to the row (``benchmarks/trace_summary.py``).
+its ``--profile-top`` (25) costliest kernels by device time to the row
+(``benchmarks/trace_summary.py``; ``benchmarks/hlo_fusions.py`` says what an XLA fusion among them
+computes).
 """
 
 from __future__ import annotations
@@ -225,7 +227,8 @@ def _measure_step(setup: Setup, variant: Variant, args, batch, compiled, compile
             return step_metrics
 
         profile["profile_top"] = profile_top(
-            call, calls=2, trace_dir=str(args.profile / variant.label().replace(" ", "_")))
+            call, calls=2, trace_dir=str(args.profile / variant.label().replace(" ", "_")),
+            top=args.profile_top)
     devices = setup.mesh.devices.size
     flops = variant.batch * train_flops_per_row(setup.config, args.seq, setup.cfg.block_size,
                                                 flare=variant.objective == "flare")
@@ -621,6 +624,8 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None,
                         help="after timing each variant, trace 2 more steps into this folder and "
                              "add the top kernels by device time to its row (profile_top)")
+    parser.add_argument("--profile-top", type=int, default=25,
+                        help="how many kernels --profile lists (with their share of device time)")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the rows as JSON (process 0), rewritten after each row")
     args = parser.parse_args()
