@@ -4,7 +4,8 @@ its own), and XLA's depthwise ``conv_general_dilated`` + SiLU (one document, no 
 same bf16 inputs; plain (four documents per row) and FLARE handoff (block 32). Shape defaults to
 one stream of a Qwen3.5-0.8B linear layer in the train-step benchmark (4096 tokens, conv dim
 6144, kernel 4). Milliseconds, median of 20 after a warm-up; also the largest gradient difference
-between ours and autodiff.
+between ours and autodiff, and our backward kernels alone in one pass and in two
+(``gpu.conv_silu_bwd(passes=...)``; the model takes one).
 
     python benchmarks/conv.py [--tokens 4096] [--channels 6144] [--json F]
 """
@@ -19,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from block_attention import timed
 
-from pallas_kernels.causal_conv import causal_conv_silu
+from pallas_kernels.causal_conv import causal_conv_silu, gpu
+from pallas_kernels.causal_conv.api import pad_inputs
 
 KERNEL = 4
 
@@ -64,6 +66,14 @@ def bench(tokens: int, channels: int, block_size: int) -> dict:
                   / jnp.max(jnp.abs(b.astype(jnp.float32)))) for a, b in zip(ours, auto, strict=True))
         row[f"{mode}_autodiff_over_ours_fwd_bwd"] = (row[f"{mode}_autodiff_fwd_bwd"]
                                                      / row[f"{mode}_ours_fwd_bwd"])
+        handoff = None if mode == "plain" else clean
+        padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, KERNEL, clean=handoff)
+        bwd_block = None if handoff is None else block_size
+        for passes in (1, 2):
+            kernels = jax.jit(lambda px, pc, w, seg, dy, passes=passes, block=bwd_block:
+                              gpu.conv_silu_bwd(px, pc, w, seg, block, dy, passes=passes))
+            row[f"{mode}_bwd_kernels_{passes}_pass"] = timed(
+                kernels, padded_x, padded_clean, weight, padded_seg, x, iters=20)
     return row
 
 

@@ -33,6 +33,24 @@ def _bwd(block_size, interpret, residuals, d_out):
 _with_gpu_backward.defvjp(_fwd, _bwd)
 
 
+def pad_inputs(x: jax.Array, segment_ids: jax.Array, kernel: int, *,
+               context: jax.Array | None = None, clean: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """``(padded_x, padded_clean, padded_seg)``: ``K - 1`` positions before ``x`` (the context, or
+    zeros; zeros before ``clean``; the first token's segment id), as the kernels take them."""
+    pad = kernel - 1
+    batch, _, channels = x.shape
+    if context is None:
+        context = jnp.zeros((batch, pad, channels), x.dtype)
+    padded_x = jnp.concatenate([context.astype(x.dtype), x], axis=1)
+    padded_seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], pad, axis=1), segment_ids], axis=1)
+    padded_clean = None
+    if clean is not None:
+        padded_clean = jnp.concatenate([jnp.zeros_like(context, x.dtype), clean.astype(x.dtype)],
+                                       axis=1)
+    return padded_x, padded_clean, padded_seg
+
+
 def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
                      context: jax.Array | None = None, clean: jax.Array | None = None,
                      block_size: int | None = None, backend: str = "auto") -> jax.Array:
@@ -49,21 +67,13 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
         backward from a Pallas kernel (``gpu_interpret``: in interpret mode), every other backend
         from autodiff of the jnp forward.
     """
-    pad = weight.shape[0] - 1
-    batch, _, channels = x.shape
-    if context is None:
-        context = jnp.zeros((batch, pad, channels), x.dtype)
-    padded_x = jnp.concatenate([context.astype(x.dtype), x], axis=1)
-    padded_seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], pad, axis=1), segment_ids], axis=1)
-    padded_clean = None
-    if clean is not None:
-        if not block_size or block_size < 1:
-            raise ValueError(f"causal_conv_silu: a clean stream (FLARE handoff) needs a positive "
-                             f"block_size, got {block_size!r}")
-        padded_clean = jnp.concatenate([jnp.zeros_like(context, x.dtype), clean.astype(x.dtype)],
-                                       axis=1)
-    else:
+    if clean is None:
         block_size = None
+    elif not block_size or block_size < 1:
+        raise ValueError(f"causal_conv_silu: a clean stream (FLARE handoff) needs a positive "
+                         f"block_size, got {block_size!r}")
+    padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, weight.shape[0],
+                                                    context=context, clean=clean)
     backend = resolve_backend(backend)
     if backend in ("gpu", "gpu_interpret"):
         return _with_gpu_backward(padded_x, padded_clean, weight, padded_seg, block_size,

@@ -42,60 +42,132 @@ class ConvGrads(NamedTuple):
     d_weight: jax.Array
 
 
-def _bwd_kernel(x_ref, clean_ref, seg_ref, w_ref, dy_ref, dx_ref, dclean_ref, dw_ref, *,
-                kernel: int, block_c: int, block_size: int | None):
-    b, i, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    pad = kernel - 1
-    q0 = pl.multiple_of(i * BLOCK_T, BLOCK_T)
-    cs = pl.ds(pl.multiple_of(c * block_c, block_c), block_c)
-    weight = [w_ref[j, cs].astype(jnp.float32)[None, :] for j in range(kernel)]
+class _Tile:
+    """Loads of one program's tile: row ``b``, channels ``cs``, positions from ``q0``.
 
-    def rows(ref, shift):
-        """``ref``'s tile starting ``shift`` positions after the padded position ``q0 - pad``."""
-        return ref[b, pl.ds(q0 + shift, BLOCK_T), cs]
+    Array index ``q0 + shift`` holds padded position ``q0 + shift - (K-1)`` (the wrapper's
+    padding), so input ``q`` is at shift ``K-1`` and output ``t = q - (K-1) + k`` (padded position
+    ``q + k``) at shift ``K-1+k``.
+    """
 
-    def segs(shift):
-        return seg_ref[b, pl.ds(q0 + shift, BLOCK_T)]
+    def __init__(self, kernel: int, block_c: int, block_size: int | None, w_ref, seg_ref):
+        self.seg_ref = seg_ref
+        self.b, i, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        self.pad = kernel - 1
+        self.q0 = pl.multiple_of(i * BLOCK_T, BLOCK_T)
+        self.cs = pl.ds(pl.multiple_of(c * block_c, block_c), block_c)
+        self.block_size = block_size
+        self.weight = [w_ref[j, self.cs].astype(jnp.float32)[None, :] for j in range(kernel)]
 
-    seg_q = segs(pad)  # the segment of input q (array index q + pad)
-    d_x = jnp.zeros((BLOCK_T, block_c), jnp.float32)
-    d_clean = jnp.zeros_like(d_x)
-    for k in range(kernel):  # outputs t = q - pad + k read q through their tap k
-        seg_t = segs(pad + k)
-        offset = (q0 - pad + k + jnp.arange(BLOCK_T)) % block_size if block_size else None
-        pre = jnp.zeros_like(d_x)
+    def rows(self, ref, shift: int) -> jax.Array:
+        return ref[self.b, pl.ds(self.q0 + shift, BLOCK_T), self.cs]
+
+    def segs(self, shift: int) -> jax.Array:
+        return self.seg_ref[self.b, pl.ds(self.q0 + shift, BLOCK_T)]
+
+    def offset_in_block(self, k: int) -> jax.Array | None:
+        """``t % block_size`` of the outputs ``t = q - (K-1) + k`` (None without handoff)."""
+        if not self.block_size:
+            return None
+        return (self.q0 - self.pad + k + jnp.arange(BLOCK_T)) % self.block_size
+
+    def d_pre(self, x_ref, clean_ref, dy_ref, k: int) -> tuple[jax.Array, list[jax.Array]]:
+        """``dy * silu'(pre)`` of the outputs ``t = q - (K-1) + k`` and their masked fp32 taps."""
+        seg_t = self.segs(self.pad + k)
+        offset = self.offset_in_block(k)
+        pre = jnp.zeros((BLOCK_T, self.weight[0].shape[1]), jnp.float32)
         taps = []
-        for j in range(kernel):
-            tap = rows(x_ref, pad + k - j)
+        for j in range(self.pad + 1):
+            tap = self.rows(x_ref, self.pad + k - j)
             if clean_ref is not None and j > 0:
-                tap = jnp.where((offset < j)[:, None], rows(clean_ref, pad + k - j), tap)
-            tap = jnp.where((segs(pad + k - j) == seg_t)[:, None], tap.astype(jnp.float32), 0.0)
-            pre = pre + tap * weight[pad - j]
+                tap = jnp.where((offset < j)[:, None], self.rows(clean_ref, self.pad + k - j), tap)
+            same_doc = (self.segs(self.pad + k - j) == seg_t)[:, None]
+            tap = jnp.where(same_doc, tap.astype(jnp.float32), 0.0)
+            pre = pre + tap * self.weight[self.pad - j]
             taps.append(tap)
         sig = jax.nn.sigmoid(pre)
-        d_pre = rows(dy_ref, pad + k).astype(jnp.float32) * sig * (1.0 + pre * (1.0 - sig))
-        if k == pad:  # outputs t = q: each output of the row is in exactly one program's tile
-            for j in range(kernel):
-                dw_ref[pad - j, :] = jnp.sum(d_pre * taps[j], axis=0)
-        grad = jnp.where((seg_q == seg_t)[:, None], d_pre * weight[pad - k], 0.0)
-        if clean_ref is not None and k > 0:
-            crosses = (offset < k)[:, None]
+        dy = self.rows(dy_ref, self.pad + k).astype(jnp.float32)
+        return dy * sig * (1.0 + pre * (1.0 - sig)), taps
+
+    def store_d_weight(self, dw_ref, d_pre: jax.Array, taps: list[jax.Array]) -> None:
+        """Partial weight gradient of the outputs ``t = q`` (each output in exactly one tile)."""
+        for j, tap in enumerate(taps):
+            dw_ref[self.pad - j, :] = jnp.sum(d_pre * tap, axis=0)
+
+    def add_input_grads(self, grads: tuple[jax.Array, jax.Array], d_pre: jax.Array, k: int
+                        ) -> tuple[jax.Array, jax.Array]:
+        """Add tap ``k`` of the outputs ``t = q - (K-1) + k`` (which read input ``q``) to the
+        gradients ``(d_x, d_clean)`` of the inputs ``q``."""
+        d_x, d_clean = grads
+        same_doc = (self.segs(self.pad) == self.segs(self.pad + k))[:, None]
+        grad = jnp.where(same_doc, d_pre * self.weight[self.pad - k], 0.0)
+        if self.block_size and k > 0:
+            crosses = (self.offset_in_block(k) < k)[:, None]
             d_clean = d_clean + jnp.where(crosses, grad, 0.0)
             grad = jnp.where(crosses, 0.0, grad)
-        d_x = d_x + grad
-    dx_ref[...] = d_x.astype(dx_ref.dtype)
+        return d_x + grad, d_clean
+
+
+def _store_input_grads(grads: tuple[jax.Array, jax.Array], dx_ref, dclean_ref) -> None:
+    dx_ref[...] = grads[0].astype(dx_ref.dtype)
     if dclean_ref is not None:
-        dclean_ref[...] = d_clean.astype(dclean_ref.dtype)
+        dclean_ref[...] = grads[1].astype(dclean_ref.dtype)
+
+
+def _one_pass_kernel(x_ref, clean_ref, seg_ref, w_ref, dy_ref, dx_ref, dclean_ref, dw_ref, *,
+                     kernel: int, block_c: int, block_size: int | None):
+    """Everything in one program: ``d_pre`` of every output that reads the tile's inputs is
+    recomputed here (``K`` times per output over the row)."""
+    tile = _Tile(kernel, block_c, block_size, w_ref, seg_ref)
+    zeros = jnp.zeros((BLOCK_T, block_c), jnp.float32)
+    grads = (zeros, zeros)
+    for k in range(kernel):
+        d_pre, taps = tile.d_pre(x_ref, clean_ref, dy_ref, k)
+        if k == tile.pad:
+            tile.store_d_weight(dw_ref, d_pre, taps)
+        grads = tile.add_input_grads(grads, d_pre, k)
+    _store_input_grads(grads, dx_ref, dclean_ref)
+
+
+def _d_pre_kernel(x_ref, clean_ref, seg_ref, w_ref, dy_ref, dpre_ref, dw_ref, *, kernel: int,
+                  block_c: int, block_size: int | None):
+    """Two passes, first: ``d_pre`` of the outputs ``t = q`` (fp32, stored at index ``t + K-1``)
+    and their weight-gradient partial sum."""
+    tile = _Tile(kernel, block_c, block_size, w_ref, seg_ref)
+    d_pre, taps = tile.d_pre(x_ref, clean_ref, dy_ref, tile.pad)
+    tile.store_d_weight(dw_ref, d_pre, taps)
+    dpre_ref[tile.b, pl.ds(tile.q0 + tile.pad, BLOCK_T), tile.cs] = d_pre
+
+
+def _input_grads_kernel(seg_ref, w_ref, dpre_ref, dx_ref, dclean_ref, *, kernel: int,
+                        block_c: int, block_size: int | None):
+    """Two passes, second: the input gradients from the stored ``d_pre`` (its first ``K-1``
+    rows are never written: they belong to outputs before the row and are masked)."""
+    tile = _Tile(kernel, block_c, block_size, w_ref, seg_ref)
+    zeros = jnp.zeros((BLOCK_T, block_c), jnp.float32)
+    grads = (zeros, zeros)
+    for k in range(kernel):
+        outputs_exist = (tile.q0 - tile.pad + k + jnp.arange(BLOCK_T) >= 0)[:, None]
+        d_pre = jnp.where(outputs_exist, tile.rows(dpre_ref, k), 0.0)
+        grads = tile.add_input_grads(grads, d_pre, k)
+    _store_input_grads(grads, dx_ref, dclean_ref)
 
 
 def conv_silu_bwd(padded_x: jax.Array, padded_clean: jax.Array | None, weight: jax.Array,
                   padded_seg: jax.Array, block_size: int | None, d_out: jax.Array, *,
-                  interpret: bool = False) -> ConvGrads:
-    """Gradients of :func:`reference.conv_silu` for the output cotangent ``d_out [B, T, C]``."""
+                  passes: int = 1, interpret: bool = False) -> ConvGrads:
+    """Gradients of :func:`reference.conv_silu` for the output cotangent ``d_out [B, T, C]``.
+
+    ``passes``: 1 runs one kernel that recomputes every output's ``d_pre`` once per tap reading
+    it; 2 stores ``d_pre`` once (fp32) and sums its shifted copies in a second kernel (a quarter
+    of the loads and sigmoids at ``K = 4``, one fp32 ``[B, T, C]`` round trip more).
+    """
     kernel = weight.shape[0]
     if kernel & (kernel - 1) and not interpret:
         raise ValueError(f"the GPU conv kernel needs a power-of-two conv kernel size "
                          f"(linear_conv_kernel_dim), got {kernel}")
+    if passes not in (1, 2):
+        raise ValueError(f"passes must be 1 or 2, got {passes}")
     pad = kernel - 1
     batch, padded_len, channels = padded_x.shape
     block_c = dividing_tile(channels, BLOCK_C, interpret=interpret,
@@ -108,26 +180,36 @@ def conv_silu_bwd(padded_x: jax.Array, padded_clean: jax.Array | None, weight: j
         return jnp.pad(a, widths, constant_values=fill)
 
     handoff = padded_clean is not None
-    inputs = [extend(padded_x, pad), extend(padded_clean, pad) if handoff else None,
-              extend(padded_seg.astype(jnp.int32), pad, NO_SEGMENT), weight,
-              extend(d_out, 2 * pad)]  # output t sits at padded position t + K - 1
+    x, clean = extend(padded_x, pad), extend(padded_clean, pad) if handoff else None
+    seg = extend(padded_seg.astype(jnp.int32), pad, NO_SEGMENT)
+    dy = extend(d_out, 2 * pad)  # output t sits at padded position t + K - 1
+    static = dict(kernel=kernel, block_c=block_c, block_size=block_size if handoff else None)
+    grid = (batch, tiles, channels // block_c)
     tile = pl.BlockSpec((None, BLOCK_T, block_c), lambda b, i, c: (b, i, c))
     stream = jax.ShapeDtypeStruct((batch, tiles * BLOCK_T, channels), padded_x.dtype)
-    out_shape = [stream, stream if handoff else None,
-                 jax.ShapeDtypeStruct((batch, tiles, kernel, channels), jnp.float32)]
-    out_specs = [tile, tile if handoff else None,
-                 pl.BlockSpec((None, None, kernel, block_c), lambda b, i, c: (b, i, 0, c))]
-    d_x, d_clean, d_weight = pl.pallas_call(
-        functools.partial(_bwd_kernel, kernel=kernel, block_c=block_c,
-                          block_size=block_size if handoff else None),
-        grid=(batch, tiles, channels // block_c),
-        in_specs=[None if a is None else pl.no_block_spec for a in inputs],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-        interpret=interpret,
-        name="causal_conv_bwd",
-    )(*inputs)
+    grads_out = ([stream, stream if handoff else None], [tile, tile if handoff else None])
+    d_weight_out = (jax.ShapeDtypeStruct((batch, tiles, kernel, channels), jnp.float32),
+                    pl.BlockSpec((None, None, kernel, block_c), lambda b, i, c: (b, i, 0, c)))
+
+    def call(body, name: str, inputs: list, outs: tuple[list, list]) -> list[jax.Array]:
+        return pl.pallas_call(
+            functools.partial(body, **static), grid=grid,
+            in_specs=[None if a is None else pl.no_block_spec for a in inputs],
+            out_specs=outs[1], out_shape=outs[0],
+            compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+            interpret=interpret, name=name,
+        )(*inputs)
+
+    if passes == 1:
+        d_x, d_clean, d_weight = call(
+            _one_pass_kernel, "causal_conv_bwd", [x, clean, seg, weight, dy],
+            (grads_out[0] + [d_weight_out[0]], grads_out[1] + [d_weight_out[1]]))
+    else:
+        d_pre_out = jax.ShapeDtypeStruct((batch, tiles * BLOCK_T + pad, channels), jnp.float32)
+        d_pre, d_weight = call(_d_pre_kernel, "causal_conv_bwd_d_pre", [x, clean, seg, weight, dy],
+                               ([d_pre_out, d_weight_out[0]], [pl.no_block_spec, d_weight_out[1]]))
+        d_x, d_clean = call(_input_grads_kernel, "causal_conv_bwd_inputs", [seg, weight, d_pre],
+                            grads_out)
     crop = slice(0, padded_len)
     return ConvGrads(d_x[:, crop], None if d_clean is None else d_clean[:, crop],
                      jnp.sum(d_weight, axis=(0, 1)))

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.causal_conv import gpu
-from pallas_kernels.causal_conv.api import causal_conv_silu
+from pallas_kernels.causal_conv import gpu, reference
+from pallas_kernels.causal_conv.api import causal_conv_silu, pad_inputs
 
 KERNEL = 4
 # fp32 throughout; kernel and autodiff sum the same products in another order.
@@ -86,21 +86,53 @@ def test_gpu_backward_matches_autodiff(block_size, length, channels):
         assert np.any(got[3])  # the handoff taps read the clean stream
 
 
+@pytest.mark.parametrize("block_size", [None, 4, 32])
+def test_two_pass_backward_equals_one_pass_and_autodiff(block_size):
+    """The two-pass kernels (``d_pre`` stored once, then its shifted sums) give the one-pass
+    kernel's gradients: the same products summed in the same order."""
+    x, clean, context, weight, cotangent, segment_ids = case(length=70, channels=32)
+    handoff = None if block_size is None else clean
+    padded = pad_inputs(x, segment_ids, KERNEL, context=context, clean=handoff)
+    padded_x, padded_clean, padded_seg = padded
+    one, two = (gpu.conv_silu_bwd(padded_x, padded_clean, weight, padded_seg, block_size,
+                                  cotangent, passes=passes, interpret=True) for passes in (1, 2))
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+    def forward(padded_x, padded_clean, weight):
+        return jnp.sum(reference.conv_silu(padded_x, padded_clean, weight, padded_seg,
+                                           block_size) * cotangent)
+
+    want = jax.grad(forward, (0, 1, 2))(padded_x, padded_clean, weight)
+    np.testing.assert_allclose(two.d_x, want[0], **TOL)
+    np.testing.assert_allclose(two.d_weight, want[2], **TOL)
+    if block_size is not None:
+        np.testing.assert_allclose(two.d_clean, want[1], **TOL)
+
+
+@pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("block_size", [None, 32])
-def test_gpu_backward_lowers_to_triton(block_size):
-    """One Triton kernel for the whole backward, lowered for CUDA on this CPU-only machine."""
+def test_gpu_backward_lowers_to_triton(passes, block_size):
+    """The backward is ``passes`` Triton kernels, lowered for CUDA on this CPU-only machine (the
+    model's path, through the custom VJP, for one pass)."""
     x = jnp.zeros((2, 64, 256), jnp.bfloat16)
     weight = jnp.zeros((KERNEL, 256))
     segment_ids = jnp.zeros((2, 64), jnp.int32)
+    clean = None if block_size is None else x
 
-    def loss(x, weight, clean):
-        handoff = {} if block_size is None else dict(clean=clean, block_size=block_size)
-        out = causal_conv_silu(x, weight, segment_ids, backend="gpu", **handoff)
-        return jnp.sum(out.astype(jnp.float32))
+    if passes == 1:
+        def grads(x, weight, clean):
+            handoff = {} if clean is None else dict(clean=clean, block_size=block_size)
+            return jax.grad(lambda x, w: jnp.sum(causal_conv_silu(
+                x, w, segment_ids, backend="gpu", **handoff).astype(jnp.float32)), (0, 1))(x, weight)
+    else:
+        def grads(x, weight, clean):
+            padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, KERNEL, clean=clean)
+            return gpu.conv_silu_bwd(padded_x, padded_clean, weight, padded_seg, block_size,
+                                     x, passes=2)
 
-    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(x, weight, x).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 1
+    text = jax.jit(grads).trace(x, weight, clean).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == passes
 
 
 def test_handoff_without_block_size_is_an_error():
