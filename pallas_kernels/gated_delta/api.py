@@ -38,19 +38,26 @@ def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=F32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _kernel_scan(
-    backend: str, need_states: bool, ct: ChunkTensors, s0: jax.Array, noisy: ChunkTensors | None
+    backend: str,
+    need_states: bool,
+    heads: int | None,
+    ct: ChunkTensors,
+    s0: jax.Array,
+    noisy: ChunkTensors | None,
 ):
-    """Kernel scan ``(o, h, s_final, o_noisy)``; ``noisy``: a second stream whose chunk ``i``
-    reads the state entering chunk ``i`` (``o_noisy`` None without it)."""
+    """Kernel scan ``(o, h, s_final, o_noisy)`` (outputs in the public layout when ``heads``,
+    see ``reference.ScanFn``); ``noisy``: a second stream whose chunk ``i`` reads the state
+    entering chunk ``i`` (``o_noisy`` None without it)."""
     module, interpret = _kernels(backend)
-    return module.scan_fwd(ct, s0, write_states=need_states, noisy=noisy, interpret=interpret)
+    return module.scan_fwd(ct, s0, write_states=need_states, noisy=noisy, heads=heads, interpret=interpret)
 
 
-def _kernel_scan_fwd(backend: str, need_states: bool, ct: ChunkTensors, s0: jax.Array, noisy):
+def _kernel_scan_fwd(backend: str, need_states: bool, heads: int | None, ct: ChunkTensors, s0, noisy):
     module, interpret = _kernels(backend)
-    o, h, s_final, o_noisy = module.scan_fwd(ct, s0, write_states=True, noisy=noisy, interpret=interpret)
+    kw = dict(noisy=noisy, heads=heads, interpret=interpret)
+    o, h, s_final, o_noisy = module.scan_fwd(ct, s0, write_states=True, **kw)
     return (o, h if need_states else None, s_final, o_noisy), (ct, h, noisy)
 
 
@@ -81,10 +88,13 @@ def _chunk_cotangents(
     return ChunkTensors(*(d.astype(x.dtype) for d, x in zip(grads, ct, strict=True)))
 
 
-def _kernel_scan_bwd(backend: str, need_states: bool, residuals, cotangents):
+def _kernel_scan_bwd(backend: str, need_states: bool, heads: int | None, residuals, cotangents):
     """Kernel reverse scan for the state cotangents, then the per-chunk matmuls in XLA."""
     ct, h, noisy = residuals
     do, dh, ds_final, do_noisy = cotangents
+    if heads is not None:
+        chunk = ct.qg.shape[2]
+        do, do_noisy = (None if x is None else reference.chunked_output(x, chunk) for x in (do, do_noisy))
     module, interpret = _kernels(backend)
     du, dh_next, ds0, du_noisy = module.scan_bwd(
         ct, do, ds_final, dh if need_states else None, noisy=noisy, do_noisy=do_noisy, interpret=interpret
@@ -155,7 +165,7 @@ def _prepare_fn(backend: str) -> reference.PrepareFn:
 def _scan_fn(backend: str) -> ScanFn:
     if backend == "reference":
         return reference.scan_chunks
-    return lambda ct, s0, need_states: _kernel_scan(backend, need_states, ct, s0, None)[:3]
+    return lambda ct, s0, need_states, heads=None: _kernel_scan(backend, need_states, heads, ct, s0, None)[:3]
 
 
 def _prep_dtype(backend: str, v: jax.Array) -> jnp.dtype:
@@ -226,21 +236,17 @@ def _handoff_scans(
     ct, ct_noisy = (prepare(*x, reset, chunk, scale, dtype) for x in (clean, noisy))
     s0 = reference.flat_initial_state(initial_state, b, hv, dk, dv)
     if chunk == block_size and backend != "reference":
-        o_clean, _, s_final, o_noisy = _kernel_scan(backend, False, ct, s0, ct_noisy)
+        o_clean, _, s_final, o_noisy = _kernel_scan(backend, False, hv, ct, s0, ct_noisy)
     else:
         # Row (b, head) of the noisy tensors splits into its blocks, rows (b, head, block),
         # without a copy; their initial states are every block's first chunk state (a strided
         # slice of the clean scan's states, in the same row order).
         scan, per_block = _scan_fn(backend), block_size // chunk
-        o_clean, h, s_final = scan(ct, s0, True)
+        o_clean, h, s_final = scan(ct, s0, True, hv)
         blocks = ChunkTensors(*(x.reshape(-1, per_block, *x.shape[2:]) for x in ct_noisy))
-        o_noisy, _, _ = scan(blocks, h[:, ::per_block].reshape(-1, dk, dv), False)
-        o_noisy = o_noisy.reshape(ct_noisy.u0.shape)
-    return (
-        reference.unchunk_output(o_clean, b, t, clean.v.dtype),
-        reference.unchunk_output(o_noisy, b, t, noisy.v.dtype),
-        s_final.reshape(b, hv, dk, dv),
-    )
+        o_noisy, _, _ = scan(blocks, h[:, ::per_block].reshape(-1, dk, dv), False, None)
+        o_noisy = reference.public_output(o_noisy.reshape(ct_noisy.u0.shape), hv)
+    return o_clean.astype(clean.v.dtype), o_noisy.astype(noisy.v.dtype), s_final.reshape(b, hv, dk, dv)
 
 
 def gated_delta_rule_handoff(

@@ -136,10 +136,12 @@ def scan_fwd(
     *,
     write_states: bool,
     noisy: ChunkTensors | None = None,
+    heads: int | None = None,
     interpret: bool = False,
     tiling: Tiling = DEFAULT_TILING,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
-    """Forward scan. Returns ``o [N, NT, L, Dv]`` (u0's dtype), states entering each chunk
+    """Forward scan. Returns ``o [N, NT, L, Dv]`` (u0's dtype; with ``heads``, written straight
+    into the public ``[N / heads, NT * L, heads, Dv]`` layout instead), states entering each chunk
     ``[N, NT, Dk, Dv]`` fp32 (None unless ``write_states``), the final state ``[N, Dk, Dv]`` and
     the output of the ``noisy`` stream (None without it): a second set of chunk tensors, same
     layout, whose chunk ``i`` reads the state entering chunk ``i`` and never updates it (the
@@ -149,11 +151,13 @@ def scan_fwd(
     check_shapes(chunk, dk, dv, interpret)
     t = nt * chunk
     bv = tiling.width(n, dv)
-    out_shape = [
-        jax.ShapeDtypeStruct((n, t, dv), ct.u0.dtype),
-        jax.ShapeDtypeStruct((n, dk, dv), F32),
-    ]
-    out_specs = [_full_spec(t, bv, True), _full_spec(dk, bv, True)]
+    if heads is None:
+        o_shape, o_spec = (n, t, dv), _full_spec(t, bv, True)
+    else:  # program n writes column block j of head n % heads of batch row n // heads
+        o_shape = (n // heads, t, heads, dv)
+        o_spec = pl.BlockSpec((None, t, None, bv), lambda i, j: (i // heads, 0, i % heads, j))
+    out_shape = [jax.ShapeDtypeStruct(o_shape, ct.u0.dtype), jax.ShapeDtypeStruct((n, dk, dv), F32)]
+    out_specs = [o_spec, _full_spec(dk, bv, True)]
     if write_states:
         out_shape.append(jax.ShapeDtypeStruct((n, nt * dk, dv), F32))
         out_specs.append(_full_spec(nt * dk, bv, True))
@@ -164,8 +168,8 @@ def scan_fwd(
         check_noisy(ct, noisy)
         in_specs += in_specs[:4]
         args += [_flat(x) for x in noisy[:4]]
-        out_shape.append(jax.ShapeDtypeStruct((n, t, dv), noisy.u0.dtype))
-        out_specs.append(_full_spec(t, bv, True))
+        out_shape.append(jax.ShapeDtypeStruct(o_shape, noisy.u0.dtype))
+        out_specs.append(o_spec)
     widths = [dk, chunk, dk, bv, dk] + ([] if noisy is None else [dk, chunk, dk, bv])
     outs = pl.pallas_call(
         functools.partial(
@@ -179,10 +183,11 @@ def scan_fwd(
         interpret=interpret,
         name="gated_delta_scan_fwd",
     )(*args)
-    o, s_final = outs[0].reshape(n, nt, chunk, dv), outs[1]
+    def shaped(o: jax.Array) -> jax.Array:
+        return o.reshape(n, nt, chunk, dv) if heads is None else o
+
     h = outs[2].reshape(n, nt, dk, dv) if write_states else None
-    o_noisy = outs[-1].reshape(n, nt, chunk, dv) if noisy is not None else None
-    return o, h, s_final, o_noisy
+    return shaped(outs[0]), h, outs[1], (shaped(outs[-1]) if noisy is not None else None)
 
 
 def scan_bwd(

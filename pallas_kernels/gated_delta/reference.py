@@ -43,9 +43,12 @@ class ChunkTensors(NamedTuple):
     gam: jax.Array  # [N, NT]         c_L exp(G_L), fp32
 
 
-# scan(tensors, s0 [N, Dk, Dv], need_states) -> (o [N, NT, L, Dv], h [N, NT, Dk, Dv] fp32 states
-# entering each chunk (may be None unless need_states), s_final [N, Dk, Dv] fp32)
-ScanFn = Callable[[ChunkTensors, jax.Array, bool], tuple[jax.Array, jax.Array | None, jax.Array]]
+# scan(tensors, s0 [N, Dk, Dv], need_states, heads) -> (o, h [N, NT, Dk, Dv] fp32 states entering
+# each chunk (may be None unless need_states), s_final [N, Dk, Dv] fp32); o is [N, NT, L, Dv]
+# when heads is None, else the public [N / heads, NT * L, heads, Dv] (see ``public_output``).
+ScanFn = Callable[
+    [ChunkTensors, jax.Array, bool, int | None], tuple[jax.Array, jax.Array | None, jax.Array]
+]
 
 
 def reset_flags(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
@@ -73,10 +76,16 @@ def flat_initial_state(initial_state: jax.Array | None, b: int, hv: int, dk: int
     return s0.reshape(b * hv, dk, dv)
 
 
-def unchunk_output(o: jax.Array, b: int, t: int, dtype: jnp.dtype) -> jax.Array:
-    """A scan's ``[B * Hv, NT, L, Dv]`` output -> the public ``[B, t, Hv, Dv]`` (first t tokens)."""
-    o = o.reshape(b, -1, o.shape[1] * o.shape[2], o.shape[3])[:, :, :t]
-    return jnp.moveaxis(o, 1, 2).astype(dtype)
+def public_output(o: jax.Array, heads: int) -> jax.Array:
+    """A scan output ``[B * heads, NT, L, Dv]`` -> the public ``[B, NT * L, heads, Dv]``."""
+    n, nt, chunk, dv = o.shape
+    return jnp.moveaxis(o.reshape(n // heads, heads, nt * chunk, dv), 1, 2)
+
+
+def chunked_output(o: jax.Array, chunk: int) -> jax.Array:
+    """Inverse of ``public_output``: ``[B, T, H, Dv]`` -> ``[B * H, T / chunk, chunk, Dv]``."""
+    b, t, h, dv = o.shape
+    return jnp.moveaxis(o, 2, 1).reshape(b * h, t // chunk, chunk, dv)
 
 
 def recurrent_gated_delta_rule(
@@ -258,7 +267,7 @@ prepare_remat: PrepareFn = jax.checkpoint(prepare_chunks, static_argnums=(6, 7, 
 
 
 def scan_chunks(
-    ct: ChunkTensors, s0: jax.Array, need_states: bool = True
+    ct: ChunkTensors, s0: jax.Array, need_states: bool = True, heads: int | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Sequential inter-chunk scan as a ``lax.scan`` (the XLA reference of the kernels).
 
@@ -274,7 +283,8 @@ def scan_chunks(
         return s_next, (o, s)
 
     s_final, (o, h) = jax.lax.scan(step, s0.astype(F32), xs)
-    return jnp.moveaxis(o, 0, 1), jnp.moveaxis(h, 0, 1), s_final
+    o = jnp.moveaxis(o, 0, 1)
+    return (o if heads is None else public_output(o, heads)), jnp.moveaxis(h, 0, 1), s_final
 
 
 def chunked_pipeline(
@@ -309,9 +319,9 @@ def chunked_pipeline(
 
     scale = default_scale(scale, dk)
     ct = prepare(*map(padded, (q, k, v, g, beta, reset)), chunk, scale, prep_dtype)
-    o, h, s_final = scan(ct, flat_initial_state(initial_state, b, hv, dk, dv), need_states)
+    o, h, s_final = scan(ct, flat_initial_state(initial_state, b, hv, dk, dv), need_states, hv)
     return (
-        unchunk_output(o, b, t, v.dtype),
+        o[:, :t].astype(v.dtype),
         None if h is None else h.reshape(b, hv, *h.shape[1:]),
         s_final.reshape(b, hv, dk, dv),
     )

@@ -14,7 +14,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.gated_delta._steps import F32, bwd_step, check_noisy, fwd_step, out_bwd, out_step
-from pallas_kernels.gated_delta.reference import ChunkTensors
+from pallas_kernels.gated_delta.reference import ChunkTensors, public_output
 
 
 def _block_v(dv: int) -> int:
@@ -94,9 +94,11 @@ def scan_fwd(
     *,
     write_states: bool,
     noisy: ChunkTensors | None = None,
+    heads: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
-    """Forward scan; same contract as ``gpu.scan_fwd``."""
+    """Forward scan; same contract as ``gpu.scan_fwd`` (the public layout of ``heads`` is an XLA
+    transpose of the kernel's chunk-major output here)."""
     n, nt, chunk, dk = ct.qg.shape
     dv = ct.u0.shape[-1]
     bv = _block_v(dv)
@@ -136,7 +138,11 @@ def scan_fwd(
         interpret=interpret,
         name="gated_delta_scan_fwd",
     )(*args)
-    return outs[0], (outs[2] if write_states else None), outs[1], (outs[-1] if noisy is not None else None)
+    def shaped(o: jax.Array) -> jax.Array:
+        return o if heads is None else public_output(o, heads)
+
+    o_noisy = shaped(outs[-1]) if noisy is not None else None
+    return shaped(outs[0]), (outs[2] if write_states else None), outs[1], o_noisy
 
 
 def scan_bwd(
