@@ -36,18 +36,35 @@ F32 = jnp.float32
 _MAX_BLOCK = 16
 
 
-def _dot(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False, dtype=None):
+IEEE = jax.lax.Precision.HIGHEST
+
+
+def _dot(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False, dtype=None, precision=IEEE):
     """``a @ b`` (``ta``/``tb``: transpose a/b) with operands cast to ``dtype`` (default: a's),
-    fp32 accumulation; fp32 operands stay IEEE fp32 (no TF32)."""
+    fp32 accumulation; fp32 operands stay IEEE fp32 unless ``precision`` says otherwise."""
     dtype = a.dtype if dtype is None else dtype
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
     return jax.lax.dot_general(
-        a.astype(dtype),
-        b.astype(dtype),
-        dims,
-        precision=jax.lax.Precision.HIGHEST,
-        preferred_element_type=F32,
+        a.astype(dtype), b.astype(dtype), dims, precision=precision, preferred_element_type=F32
     )
+
+
+class _InversePrecision(NamedTuple):
+    """Precision of the inverse's fp32 16 x 16 products: IEEE fp32 (FMA loops, no tensor cores)
+    where ``T`` is stored in fp32; where it is stored in bf16, the tensor cores: 3xTF32 (about
+    fp32 accuracy) for the diagonal blocks' nilpotent powers, whose terms can grow large before
+    they cancel (``C(15, 7) a^8`` for keys that repeat), and TF32 for the block substitution,
+    products of inverse blocks of moderate size (as fla's ``solve_tril``)."""
+
+    powers: object = IEEE
+    blocks: object = IEEE
+
+    @classmethod
+    def for_output(cls, dtype: jnp.dtype, interpret: bool) -> _InversePrecision:
+        """IEEE for fp32 ``T`` and in interpret mode (the CPU has no 3xTF32 dot)."""
+        if dtype == F32 or interpret:
+            return cls()
+        return cls(jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3, jax.lax.Precision.DEFAULT)
 
 
 def _iota(n: int, axis: int) -> jax.Array:
@@ -59,7 +76,7 @@ def _decay(same: jax.Array, diff: jax.Array) -> jax.Array:
     return jnp.where(same, jnp.exp(jnp.where(same, diff, 0.0)), 0.0)
 
 
-def _diag_inverse(a: jax.Array) -> jax.Array:
+def _diag_inverse(a: jax.Array, precision=IEEE) -> jax.Array:
     """``(I + a)^-1`` of a strictly lower ``[bs, bs]`` block: ``(I - a)(I + a^2)(I + a^4)...``
     (``a`` is nilpotent, ``a^bs = 0``)."""
     bs = a.shape[0]
@@ -67,8 +84,8 @@ def _diag_inverse(a: jax.Array) -> jax.Array:
     x = (_iota(bs, 0) == _iota(bs, 1)).astype(F32) + n
     power = 2
     while power < bs:
-        n = _dot(n, n)
-        x = x + _dot(x, n)
+        n = _dot(n, n, precision=precision)
+        x = x + _dot(x, n, precision=precision)
         power *= 2
     return x
 
@@ -112,7 +129,7 @@ def _kkt_kernel(q, k, beta, g, rel, a, p, qg, kd, *, scale: float):
     kd[...] = (gt.dl[:, None] * k_all.astype(F32)).astype(kd.dtype)
 
 
-def _solve_kernel(a, t, *, bs: int):
+def _solve_kernel(a, t, *, bs: int, precision: _InversePrecision):
     nb = a.shape[0] // bs
 
     def at(i: int, j: int) -> tuple[pl.Slice, pl.Slice]:
@@ -120,10 +137,10 @@ def _solve_kernel(a, t, *, bs: int):
 
     blocks = {}
     for i in range(nb):
-        blocks[i, i] = _diag_inverse(a[at(i, i)])
+        blocks[i, i] = _diag_inverse(a[at(i, i)], precision.powers)
         for j in range(i):
-            acc = sum(_dot(a[at(i, m)], blocks[m, j]) for m in range(j, i))
-            blocks[i, j] = -_dot(blocks[i, i], acc)
+            acc = sum(_dot(a[at(i, m)], blocks[m, j], precision=precision.blocks) for m in range(j, i))
+            blocks[i, j] = -_dot(blocks[i, i], acc, precision=precision.blocks)
     zero = jnp.zeros((bs, bs), t.dtype)
     for i in range(nb):
         for j in range(nb):
@@ -272,10 +289,13 @@ def solve(
     interpret: bool = False,
     num_warps: int = DEFAULT_WARPS.solve,
 ) -> jax.Array:
-    """Kernel 2: ``T = (I + A)^-1`` per chunk of ``a [N, T, L]`` (fp32), returned in ``dtype``."""
+    """Kernel 2: ``T = (I + A)^-1`` per chunk of ``a [N, T, L]`` (fp32), returned in ``dtype``
+    (which sets the precision of its products, ``_InversePrecision``)."""
     lay = _Layout(1, 1, chunk)
     (t_inv,) = _call(
-        functools.partial(_solve_kernel, bs=min(chunk, _MAX_BLOCK)),
+        functools.partial(
+            _solve_kernel, bs=min(chunk, _MAX_BLOCK), precision=_InversePrecision.for_output(dtype, interpret)
+        ),
         (a,),
         [lay.flat(chunk)],
         [(jax.ShapeDtypeStruct(a.shape, dtype), lay.flat(chunk))],
