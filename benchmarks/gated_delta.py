@@ -5,9 +5,11 @@ handoff at one and at two chunks per block), then forward and forward+backward t
 with ratios, and the handoff-mode cost against a plain causal forward over the same number of
 tokens (right after the first shape). ``--json PATH`` writes the numbers after every section;
 sections that would start after ``--budget-s`` seconds are skipped. ``--check``: only the full
-correctness check (all head layouts, bf16 inputs). ``--stages``: per-kernel times and
+correctness check (all head layouts). ``--stages``: per-kernel times and
 launch-parameter variants at the first shape (profile). ``--no-peers``: our kernels only.
-``--extra-chunks 32``: also our kernels at chunk 32 at every shape.
+``--extra-chunks 32``: also our kernels at chunk 32 at every shape. ``--kernels``: device time
+per kernel of our forward and forward+backward (``jax.profiler``) and of fla's forward
+(``torch.profiler``) at the first shape, each kernel in its place in the whole pass.
 CPU smoke: ``--backend gpu_interpret --shapes 1x128x2x32 --handoff 1x64x2x32 --stages``.
 """
 
@@ -46,14 +48,18 @@ def make_inputs(key, b, t, hk, hv, dk, dv, dtype):
     return [x.astype(dtype) for x in (q, k, v)] + [g, beta.astype(dtype)], s0
 
 
-def timeit(fn: Callable, *args, iters: int = 10) -> float:
-    """Median milliseconds per call (after a compile + warm-up call)."""
+def timeit(fn: Callable, *args, iters: int = 10, repeats: int = 5) -> float:
+    """Milliseconds per call of ``iters`` calls issued back to back (one wait at the end, as
+    fla's CUDA-event timing of back-to-back calls), median over ``repeats``, after a compile +
+    warm-up call."""
     jax.block_until_ready(fn(*args))
     times = []
-    for _ in range(iters):
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters)
     return 1e3 * float(np.median(times))
 
 
@@ -68,10 +74,12 @@ GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 HANDOFF_CHECK_BLOCKS = (32, 128)  # one chunk per block (fused scan); two chunks per block
 
 
-def check_case(backend: str, hk: int, hv: int, dk: int, dv: int, full: bool) -> dict:
+def check_case(backend: str, hk: int, hv: int, dk: int, dv: int) -> dict:
     """One fp32 case: outputs, final state and gradients vs the reference, the same for the
     handoff (both outputs, the final state, the largest gradient error over both streams and
-    h0) at ``HANDOFF_CHECK_BLOCKS``; with ``full`` also the bf16-input output error."""
+    h0) at ``HANDOFF_CHECK_BLOCKS``; then bf16 inputs (the fast path: bf16 chunk tensors, the
+    inverse's TF32 products) against the fp32 reference: the output and the largest gradient
+    error."""
     b, t = 2, 300
     (q, k, v, g, beta), s0 = make_inputs(jax.random.PRNGKey(dk), b, t, hk, hv, dk, dv, F32)
     noisy, _ = make_inputs(jax.random.PRNGKey(7), b, t, hk, hv, dk, dv, F32)
@@ -116,15 +124,14 @@ def check_case(backend: str, hk: int, hv: int, dk: int, dv: int, full: bool) -> 
         herrs[f"handoff{bs}_grads"] = max(max_rel(x, y) for x, y in pairs)
         print_errs(f"{name} handoff block {bs}", herrs)
         errs |= herrs
-    if not full:
-        return errs
     bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)] + [g, beta]
-    o_bf16, _ = jax.jit(api.gated_delta_rule, static_argnames="backend")(
-        *bf16, initial_state=s0, segment_ids=seg, backend=backend
-    )
-    errs["o_bf16_vs_fp32_ref"] = max_rel(o_bf16, o_r)
-    print_errs(f"{name} bf16", {"o_bf16_vs_fp32_ref": errs["o_bf16_vs_fp32_ref"]})
-    return errs
+    g_bf16, (o_bf16, _) = grad(*bf16, s0, backend=backend)
+    berrs = {
+        "o_bf16_vs_fp32_ref": max_rel(o_bf16, o_r),
+        "grads_bf16_vs_fp32_ref": max(max_rel(x, y) for x, y in zip(g_bf16, gr, strict=True)),
+    }
+    print_errs(f"{name} bf16", berrs)
+    return errs | berrs
 
 
 def print_errs(name: str, errs: dict) -> None:
@@ -135,11 +142,11 @@ CHECK_LAYOUTS = ((2, 4, 128, 128), (1, 2, 64, 256))  # (Hk, Hv, Dk, Dv)
 
 
 def check(backend: str, full: bool) -> dict:
-    """Compiled kernel vs reference in fp32: all head layouts and the bf16 error with ``full``,
-    else the first layout (Triton and XLA compiles are the cost of this section)."""
+    """Compiled kernel vs reference: all head layouts with ``full``, else the first layout
+    (Triton and XLA compiles are the cost of this section)."""
     layouts = CHECK_LAYOUTS if full else CHECK_LAYOUTS[:1]
     return {
-        f"hk{hk}_hv{hv}_dk{dk}_dv{dv}": check_case(backend, hk, hv, dk, dv, full)
+        f"hk{hk}_hv{hv}_dk{dk}_dv{dv}": check_case(backend, hk, hv, dk, dv)
         for hk, hv, dk, dv in layouts
     }
 
@@ -165,6 +172,56 @@ def fla_forward_ms(q, k, v, g, beta) -> float | None:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 10
+
+
+def fla_kernels_ms(q, k, v, g, beta, calls: int = 5) -> dict[str, float] | None:
+    """fla forward's device time per CUDA kernel name (ms per call; None if fla is missing)."""
+    try:
+        import torch
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError:
+        return None
+    tt = [torch.from_numpy(np.array(x.astype(jnp.float32))).cuda() for x in (q, k, v, g, beta)]
+    tq, tk, tv, tbeta = (x.to(torch.bfloat16) for x in (tt[0], tt[1], tt[2], tt[4]))
+    run = lambda: chunk_gated_delta_rule(tq, tk, tv, tt[3], tbeta, output_final_state=True)
+    run()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    return {
+        e.key: e.device_time_total / 1e3 / calls
+        for e in prof.key_averages()
+        if e.device_time_total > 0
+    }
+
+
+def bench_kernels(b, t, h, d, backend) -> dict:
+    """Per-kernel device time (ms per call) of our forward and forward+backward and of fla's
+    forward at one shape, from traces of the whole pass."""
+    from trace_summary import profile_top
+
+    (q, k, v, g, beta), _ = make_inputs(jax.random.PRNGKey(0), b, t, h, h, d, d, jnp.bfloat16)
+    fwd = jax.jit(lambda *a: api.gated_delta_rule(*a, backend=backend))
+
+    def loss(*a):
+        o, s = api.gated_delta_rule(*a, backend=backend)
+        return jnp.sum(o.astype(F32)) + jnp.sum(s)
+
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=range(5)))
+    r = {}
+    for name, fn in (("ours_fwd", fwd), ("ours_fwd_bwd", fwd_bwd)):
+        top = profile_top(lambda fn=fn: fn(q, k, v, g, beta), calls=5, trace_dir=f"/tmp/gd_{name}", top=40)
+        r[name] = {e["name"]: e["ms_per_call"] for e in top}
+    r["fla_fwd"] = fla_kernels_ms(q, k, v, g, beta)
+    for name, kernels in r.items():
+        if kernels:
+            total = sum(kernels.values())
+            rows = ", ".join(f"{n} {ms:.3f}" for n, ms in sorted(kernels.items(), key=lambda x: -x[1]))
+            print(f"  kernels {name} (sum {total:.3f} ms): {rows}", flush=True)
+    return r
 
 
 def bench_shape(b, t, h, d, backend, peers: bool, extra_chunks: tuple[int, ...] = ()) -> dict:
@@ -252,9 +309,9 @@ def bench_stages(b, t, h, d, backend) -> dict:
     r["scan_fwd"] = timeit(jax.jit(scan), ct, s0)
     r["scan_bwd"] = timeit(jax.jit(functools.partial(gpu.scan_bwd, interpret=interpret)), ct, do, s0, None)
     _, h_states, *_ = jax.jit(functools.partial(gpu.scan_fwd, write_states=True, interpret=interpret))(ct, s0)
-    scan_vjp = jax.jit(api._kernel_scan_bwd, static_argnums=(0, 1))  # noqa: SLF001
+    scan_vjp = jax.jit(api._kernel_scan_bwd, static_argnums=(0, 1, 2))  # noqa: SLF001
     residuals, cotangents = (ct, h_states, None), (do, None, s0, None)
-    r["scan_bwd_with_xla_matmuls"] = timeit(scan_vjp, backend, False, residuals, cotangents)
+    r["scan_bwd_with_xla_matmuls"] = timeit(scan_vjp, backend, False, None, residuals, cotangents)
 
     def fwd32(*args):
         return api.gated_delta_rule(*args, chunk_size=32, backend=backend)
@@ -357,6 +414,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=SHAPES, help="B x T x H x D, comma separated")
     parser.add_argument("--handoff", default=HANDOFF, help="B x T x H x D of the clean stream")
     parser.add_argument("--stages", action="store_true", help="profile at the first shape")
+    parser.add_argument("--kernels", action="store_true", help="per-kernel device time at the first shape")
     parser.add_argument("--no-peers", action="store_true", help="skip the XLA reference and fla")
     parser.add_argument("--extra-chunks", default="", help="also time ours at these chunk sizes")
     args = parser.parse_args()
@@ -405,6 +463,9 @@ def main() -> None:
             save()
         if i > 0:
             continue
+        if args.kernels and within_budget("kernels"):
+            results["kernels"] = guarded(bench_kernels, *shape, args.backend)
+            save()
         if args.stages and within_budget("stages"):
             results["stages"] = r = guarded(bench_stages, *shape, args.backend)
             print(f"stages at {name} (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
