@@ -5,7 +5,7 @@ same bf16 inputs; plain (four documents per row) and FLARE handoff (block 32). S
 one stream of a Qwen3.5-0.8B linear layer in the train-step benchmark (4096 tokens, conv dim
 6144, kernel 4). Milliseconds, median of 20 after a warm-up; also the largest gradient difference
 between ours and autodiff, and our backward kernels alone in one pass and in two
-(``gpu.conv_silu_bwd(passes=...)``; the model takes one).
+(``gpu.conv_silu_bwd(passes=...)``; the model takes two).
 
     python benchmarks/conv.py [--tokens 4096] [--channels 6144] [--json F]
 """

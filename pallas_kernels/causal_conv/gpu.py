@@ -155,12 +155,15 @@ def _input_grads_kernel(seg_ref, w_ref, dpre_ref, dx_ref, dclean_ref, *, kernel:
 
 def conv_silu_bwd(padded_x: jax.Array, padded_clean: jax.Array | None, weight: jax.Array,
                   padded_seg: jax.Array, block_size: int | None, d_out: jax.Array, *,
-                  passes: int = 1, interpret: bool = False) -> ConvGrads:
+                  passes: int = 2, interpret: bool = False) -> ConvGrads:
     """Gradients of :func:`reference.conv_silu` for the output cotangent ``d_out [B, T, C]``.
 
     ``passes``: 1 runs one kernel that recomputes every output's ``d_pre`` once per tap reading
     it; 2 stores ``d_pre`` once (fp32) and sums its shifted copies in a second kernel (a quarter
-    of the loads and sigmoids at ``K = 4``, one fp32 ``[B, T, C]`` round trip more).
+    of the loads and sigmoids at ``K = 4``, one fp32 ``[B, T, C]`` round trip more). Two is the
+    default: on the H200 the FLARE handoff backward at ``[1, 4096, 6144]`` takes 0.634 ms against
+    0.712, and the 0.8B FLARE train step 204.6 / 365.6 ms against 207.2 / 372.1 at batch 1 / 2
+    (``docs/performance.md``).
     """
     kernel = weight.shape[0]
     if kernel & (kernel - 1) and not interpret:
