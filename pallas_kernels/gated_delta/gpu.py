@@ -183,6 +183,7 @@ def scan_fwd(
         interpret=interpret,
         name="gated_delta_scan_fwd",
     )(*args)
+
     def shaped(o: jax.Array) -> jax.Array:
         return o.reshape(n, nt, chunk, dv) if heads is None else o
 
