@@ -151,8 +151,9 @@ def check(backend: str, full: bool) -> dict:
     }
 
 
-def fla_forward_ms(q, k, v, g, beta) -> float | None:
-    """fla ``chunk_gated_delta_rule`` forward on the same inputs (None if fla is missing)."""
+def fla_runner(q, k, v, g, beta) -> Callable[[], object] | None:
+    """fla ``chunk_gated_delta_rule`` forward on the same inputs, as a no-argument call (bf16
+    q/k/v/beta, fp32 g, on the GPU); None if fla is missing."""
     try:
         import torch
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
@@ -160,8 +161,16 @@ def fla_forward_ms(q, k, v, g, beta) -> float | None:
         return None
     tt = [torch.from_numpy(np.array(x.astype(jnp.float32))).cuda() for x in (q, k, v, g, beta)]
     tq, tk, tv, tbeta = (x.to(torch.bfloat16) for x in (tt[0], tt[1], tt[2], tt[4]))
-    tg = tt[3]
-    run = lambda: chunk_gated_delta_rule(tq, tk, tv, tg, tbeta, output_final_state=True)
+    return lambda: chunk_gated_delta_rule(tq, tk, tv, tt[3], tbeta, output_final_state=True)
+
+
+def fla_forward_ms(q, k, v, g, beta) -> float | None:
+    """fla forward, ms per call of 10 back-to-back calls (None if fla is missing)."""
+    run = fla_runner(q, k, v, g, beta)
+    if run is None:
+        return None
+    import torch
+
     for _ in range(3):
         run()
     torch.cuda.synchronize()
@@ -176,26 +185,35 @@ def fla_forward_ms(q, k, v, g, beta) -> float | None:
 
 def fla_kernels_ms(q, k, v, g, beta, calls: int = 5) -> dict[str, float] | None:
     """fla forward's device time per CUDA kernel name (ms per call; None if fla is missing)."""
-    try:
-        import torch
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-    except ImportError:
+    run = fla_runner(q, k, v, g, beta)
+    if run is None:
         return None
-    tt = [torch.from_numpy(np.array(x.astype(jnp.float32))).cuda() for x in (q, k, v, g, beta)]
-    tq, tk, tv, tbeta = (x.to(torch.bfloat16) for x in (tt[0], tt[1], tt[2], tt[4]))
-    run = lambda: chunk_gated_delta_rule(tq, tk, tv, tt[3], tbeta, output_final_state=True)
+    import torch
+
     run()
     torch.cuda.synchronize()
-    activities = [torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             run()
         torch.cuda.synchronize()
-    return {
-        e.key: e.device_time_total / 1e3 / calls
-        for e in prof.key_averages()
-        if e.device_time_total > 0
-    }
+    return {e.key: e.device_time_total / 1e3 / calls for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def forward_fn(backend: str, **kw) -> Callable:
+    """Jitted ``gated_delta_rule(q, k, v, g, beta)`` (``kw``: e.g. ``chunk_size``)."""
+    return jax.jit(lambda *a: api.gated_delta_rule(*a, backend=backend, **kw))
+
+
+def fwd_bwd_fn(backend: str, dy: jax.Array | None = None, **kw) -> Callable:
+    """Jitted gradients of q, k, v, g, beta of ``sum(o * dy) + sum(final state)`` (``dy``
+    None: ones)."""
+
+    def loss(*a):
+        o, s = api.gated_delta_rule(*a, backend=backend, **kw)
+        o = o.astype(F32)
+        return jnp.sum(o if dy is None else o * dy) + jnp.sum(s)
+
+    return jax.jit(jax.grad(loss, argnums=range(5)))
 
 
 def bench_kernels(b, t, h, d, backend) -> dict:
@@ -204,15 +222,8 @@ def bench_kernels(b, t, h, d, backend) -> dict:
     from trace_summary import profile_top
 
     (q, k, v, g, beta), _ = make_inputs(jax.random.PRNGKey(0), b, t, h, h, d, d, jnp.bfloat16)
-    fwd = jax.jit(lambda *a: api.gated_delta_rule(*a, backend=backend))
-
-    def loss(*a):
-        o, s = api.gated_delta_rule(*a, backend=backend)
-        return jnp.sum(o.astype(F32)) + jnp.sum(s)
-
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=range(5)))
     r = {}
-    for name, fn in (("ours_fwd", fwd), ("ours_fwd_bwd", fwd_bwd)):
+    for name, fn in (("ours_fwd", forward_fn(backend)), ("ours_fwd_bwd", fwd_bwd_fn(backend))):
         top = profile_top(lambda fn=fn: fn(q, k, v, g, beta), calls=5, trace_dir=f"/tmp/gd_{name}", top=40)
         r[name] = {e["name"]: e["ms_per_call"] for e in top}
     r["fla_fwd"] = fla_kernels_ms(q, k, v, g, beta)
@@ -228,17 +239,8 @@ def bench_shape(b, t, h, d, backend, peers: bool, extra_chunks: tuple[int, ...] 
     """Ours (default chunk, then each of ``extra_chunks``) and the peers at one shape."""
     (q, k, v, g, beta), _ = make_inputs(jax.random.PRNGKey(0), b, t, h, h, d, d, jnp.bfloat16)
     dy = jax.random.normal(jax.random.PRNGKey(1), v.shape, jnp.bfloat16)
-
-    def fwd(be, **kw):
-        return jax.jit(lambda *a: api.gated_delta_rule(*a, backend=be, **kw))
-
-    def fwd_bwd(be, **kw):
-        def loss(*a):
-            o, s = api.gated_delta_rule(*a, backend=be, **kw)
-            return jnp.sum(o.astype(jnp.float32) * dy) + jnp.sum(s)
-
-        return jax.jit(jax.grad(loss, argnums=range(5)))
-
+    fwd = forward_fn
+    fwd_bwd = functools.partial(fwd_bwd_fn, dy=dy)
     args = (q, k, v, g, beta)
     r = {"ours_fwd": timeit(fwd(backend), *args), "ours_fwd_bwd": timeit(fwd_bwd(backend), *args)}
     for c in extra_chunks:
@@ -313,16 +315,9 @@ def bench_stages(b, t, h, d, backend) -> dict:
     residuals, cotangents = (ct, h_states, None), (do, None, s0, None)
     r["scan_bwd_with_xla_matmuls"] = timeit(scan_vjp, backend, False, None, residuals, cotangents)
 
-    def fwd32(*args):
-        return api.gated_delta_rule(*args, chunk_size=32, backend=backend)
-
-    def loss(*args):
-        o, s = fwd32(*args)
-        return jnp.sum(o.astype(F32)) + jnp.sum(s)
-
     args = (q, k, v, g, beta)
-    r["fwd_chunk32"] = timeit(jax.jit(fwd32), *args)
-    r["fwd_bwd_chunk32"] = timeit(jax.jit(jax.grad(loss, argnums=range(5))), *args)
+    r["fwd_chunk32"] = timeit(forward_fn(backend, chunk_size=32), *args)
+    r["fwd_bwd_chunk32"] = timeit(fwd_bwd_fn(backend, chunk_size=32), *args)
     r["solve_w4"], r["solve_w8"], r["prepare_bwd_w8"] = solve(4), solve(8), prep_bwd(8)
     return dict(r)
 
@@ -337,14 +332,9 @@ def handoff_inputs(b, t, h, d) -> tuple[tuple[jax.Array, ...], jax.Array]:
 def causal_times(backend, b, t, h, d) -> dict:
     """Plain causal fwd and fwd+bwd over 2T tokens (shared by the handoff block sizes)."""
     plain, _ = handoff_inputs(b, t, h, d)
-
-    def causal_loss(*a):
-        o, s = api.gated_delta_rule(*a, backend=backend)
-        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
-
     return {
-        "causal_fwd": timeit(jax.jit(lambda *a: api.gated_delta_rule(*a, backend=backend)), *plain),
-        "causal_fwd_bwd": timeit(jax.jit(jax.grad(causal_loss, argnums=range(5))), *plain),
+        "causal_fwd": timeit(forward_fn(backend), *plain),
+        "causal_fwd_bwd": timeit(fwd_bwd_fn(backend), *plain),
     }
 
 
