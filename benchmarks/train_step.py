@@ -22,8 +22,9 @@ Every mesh starts from the same host-drawn parameters (seed 0) and the same glob
 
 Several configurations in one process (compiled side by side, then timed one at a time), and the
 cost breakdown of the FLARE step (pieces timed separately, with their share of the step):
-  python benchmarks/train_step.py --variant flare,1,remat,8192 --variant causal,1,remat,8192 \
-      --variant flare,1,no-remat,0 --breakdown --breakdown-chunks 8192,32768 --compile-workers 8
+  python benchmarks/train_step.py --variant flare,1,full,8192 --variant causal,1,full,8192 \
+      --variant flare,1,selective,8192 --variant flare,1,none,0 --breakdown \
+      --breakdown-chunks 8192,32768 --compile-workers 8
 ``--profile DIR`` also traces two steps of each variant (``jax.profiler``, kept in DIR) and adds
 its ``--profile-top`` (25) costliest kernels by device time to the row
 (``benchmarks/trace_summary.py``; ``benchmarks/hlo_fusions.py`` says what an XLA fusion among them
@@ -107,18 +108,18 @@ def check_batch(rows: int, mesh) -> None:
 
 
 class Variant(NamedTuple):
-    """One measured train step: objective, global batch (rows), layer remat, vocabulary chunk
-    of the cross-entropy (0: full logits) and kernel backend."""
+    """One measured train step: objective, global batch (rows), layer remat policy
+    (``layer_scan.REMAT_POLICIES``), vocabulary chunk of the cross-entropy (0: full logits) and
+    kernel backend."""
 
     objective: str
     batch: int
-    remat: bool
+    remat: str
     vocab_chunk: int
     backend: str
 
     def label(self) -> str:
-        return (f"{self.objective} b{self.batch} {'remat' if self.remat else 'no-remat'} "
-                f"chunk {self.vocab_chunk}")
+        return f"{self.objective} b{self.batch} remat {self.remat} chunk {self.vocab_chunk}"
 
 
 class Setup(NamedTuple):
@@ -287,7 +288,7 @@ def _breakdown_pieces(setup: Setup, args) -> dict[str, tuple[Any, Any]]:
     """Jitted pieces of the FLARE step on its real shape (``--batch`` rows of ``--seq``), each
     with a function making its inputs (called when the piece runs, so that large inputs hold
     no device memory while the steps are timed): the embedding and all layers forward
-    (final-normed hidden states out); their forward + backward with and without remat; the
+    (final-normed hidden states out); their forward + backward under each remat policy; the
     head + FLARE loss forward + backward from the final hidden states, with full logits and
     with each ``--breakdown-chunks`` vocabulary chunk; one linear-attention and one
     full-attention layer forward + backward on the packed ``[clean ; noisy]`` row; the
@@ -299,6 +300,7 @@ def _breakdown_pieces(setup: Setup, args) -> dict[str, tuple[Any, Any]]:
 
     from flare_jax.config import FULL
     from flare_jax.layout import FlareLayout
+    from flare_jax.model.layer_scan import REMAT_POLICIES
     from flare_jax.objective import add_noise, flare_loss, head_cross_entropy
     from flare_jax.train import config as train_config
     from flare_jax.train.loop import COMPUTE_DTYPES
@@ -323,7 +325,7 @@ def _breakdown_pieces(setup: Setup, args) -> dict[str, tuple[Any, Any]]:
         return binder(params).flare(tokens, noisy, FlareLayout.from_segments(segment_ids, block),
                                     scan_layers=setup.scan_layers, normed_hidden=True)
 
-    def layers_fwd_bwd(remat: bool):
+    def layers_fwd_bwd(remat: str):
         def fwd_bwd(params, tokens, noisy, segment_ids, cotangent):
             def loss(p):
                 out = binder(p).flare(tokens, noisy, FlareLayout.from_segments(segment_ids, block),
@@ -366,9 +368,9 @@ def _breakdown_pieces(setup: Setup, args) -> dict[str, tuple[Any, Any]]:
     row_in = (setup.params, tokens, noisy, segment_ids)
     packed, cotangent = normal(1, 2 * args.seq), normal(2, 2 * args.seq)
     hidden = (weight, normal(3, args.seq), normal(4, args.seq), *targets)
-    pieces = {"layers_fwd": (layers_fwd, row_in),
-              "layers_fwd_bwd_remat": (layers_fwd_bwd(True), (*row_in, cotangent)),
-              "layers_fwd_bwd_no_remat": (layers_fwd_bwd(False), (*row_in, cotangent))}
+    pieces = {"layers_fwd": (layers_fwd, row_in)}
+    for remat in REMAT_POLICIES:
+        pieces[f"layers_fwd_bwd_remat_{remat}"] = (layers_fwd_bwd(remat), (*row_in, cotangent))
     for chunk in (0, *args.breakdown_chunks):
         pieces[f"head_loss_fwd_bwd_chunk_{chunk}"] = (head_loss(chunk), hidden)
     for kind, index in (("linear", config.layer_types.index("linear_attention")),
@@ -434,7 +436,7 @@ def _variants(args) -> list[Variant]:
 
     cfg = load_config_file(args.config)
     apply_overrides(cfg, args.override)
-    remat = cfg.model.remat if args.remat is None else args.remat
+    remat = cfg.model.remat if args.remat is None else REMAT_SPELLINGS[args.remat]
     chunk = cfg.train.vocab_chunk if args.vocab_chunk is None else args.vocab_chunk
     objectives = ("flare", "causal") if args.objective == "both" else (args.objective,)
     return [Variant(o, args.batch, remat, chunk, args.backend) for o in objectives]
@@ -576,13 +578,19 @@ def _mesh_flag(text: str) -> tuple[int, int, int]:
     return sizes
 
 
+# --remat / --variant spellings: the policies, and the earlier on/off words of the recorded
+# commands in docs/performance.md ("remat" was the "full" policy).
+REMAT_SPELLINGS = {"none": "none", "full": "full", "selective": "selective",
+                   "remat": "full", "no-remat": "none"}
+_VARIANT_FORM = f"objective,batch,{'|'.join(REMAT_SPELLINGS)},vocab_chunk[,backend]"
+
+
 def _variant_flag(text: str) -> Variant:
-    """``objective,batch,remat|no-remat,vocab_chunk[,backend]``."""
+    """``objective,batch,remat,vocab_chunk[,backend]`` (remat: ``REMAT_SPELLINGS``)."""
     parts = text.split(",")
-    if len(parts) not in (4, 5) or parts[2] not in ("remat", "no-remat"):
-        raise argparse.ArgumentTypeError(
-            f"--variant wants objective,batch,remat|no-remat,vocab_chunk[,backend], got {text!r}")
-    return Variant(parts[0], int(parts[1]), parts[2] == "remat", int(parts[3]),
+    if len(parts) not in (4, 5) or parts[2] not in REMAT_SPELLINGS:
+        raise argparse.ArgumentTypeError(f"--variant wants {_VARIANT_FORM}, got {text!r}")
+    return Variant(parts[0], int(parts[1]), REMAT_SPELLINGS[parts[2]], int(parts[3]),
                    parts[4] if len(parts) == 5 else "auto")
 
 
@@ -595,13 +603,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
-                        help="recompute layers in the backward pass (default: model.remat)")
+    parser.add_argument("--remat", choices=REMAT_SPELLINGS, default=None,
+                        help="what each layer keeps for the backward pass (default: model.remat)")
     parser.add_argument("--vocab-chunk", type=int, default=None,
                         help="cross-entropy vocabulary chunk, 0: full logits (default: "
                              "train.vocab_chunk)")
     parser.add_argument("--variant", type=_variant_flag, action="append", default=[],
-                        help="objective,batch,remat|no-remat,vocab_chunk[,backend] (repeatable; "
+                        help=f"{_VARIANT_FORM} (repeatable; "
                              "replaces --objective/--batch/--remat/--vocab-chunk/--backend)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time pieces of the FLARE step at --batch (see "

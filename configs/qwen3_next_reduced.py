@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
                              partial_rotary_factor=0.25),
         eos_token_id=151645, pad_token_id=151643))
     c.model.dtype = "bfloat16"
-    c.model.remat = True
+    c.model.remat = "full"
     c.model.scan_layers = True  # 4 layers form one group: no repeat, they run unrolled
     c.block_size = 32
     c.data.seq_len = 2048

@@ -4,6 +4,10 @@ Model code calls these and never branches on the platform. Under a mesh (``jax.s
 train step traces) each op runs per shard (``shard_map``): rows split over the batch axes, heads
 over the head axes where they divide. Left to the partitioner, a Pallas kernel (an opaque custom
 call) would instead be fed the gathered global arrays on every device.
+
+Every op's output is named :data:`OP_OUTPUT` (and the kernels name their custom VJPs' residuals,
+``pallas_kernels.residuals``), so that a remat policy can keep what a kernel's forward made
+instead of running the kernel again in the backward pass.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import math
 from collections.abc import Callable
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.block_attention import api as attention_api
@@ -23,6 +28,7 @@ from pallas_kernels.grouped_matmul import api as grouped_matmul_api
 
 BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch
 HEAD_AXES = ("tensor",)  # mesh axes that split attention and linear-attention heads
+OP_OUTPUT = "op_output"  # the name of every op's output (remat policies)
 
 
 def _split_axes(axes: tuple[str, ...], size: int, mesh) -> tuple[str, ...] | None:
@@ -59,8 +65,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
         heads, rows = P(b, None, h, None), P(b, None)
         return (heads, heads, heads, rows, rows), heads
 
-    return _per_shard(run, q.shape[0], (q.shape[2], k.shape[2]), specs)(
-        q, k, v, q_layout, kv_layout)
+    return checkpoint_name(_per_shard(run, q.shape[0], (q.shape[2], k.shape[2]), specs)(
+        q, k, v, q_layout, kv_layout), OP_OUTPUT)
 
 
 def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
@@ -78,7 +84,9 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
         return ((stream, P(None, h), P(b, None), None if context is None else stream,
                  None if clean is None else stream), stream)
 
-    return _per_shard(run, x.shape[0], (x.shape[2],), specs)(x, weight, segment_ids, context, clean)
+    return checkpoint_name(
+        _per_shard(run, x.shape[0], (x.shape[2],), specs)(x, weight, segment_ids, context, clean),
+        OP_OUTPUT)
 
 
 MAX_CHUNK = 64
@@ -108,8 +116,9 @@ def gated_delta(inputs: GatedDeltaInputs, *, segment_ids: jax.Array,
         return ((_gated_delta_specs(b, h), P(b, None), None if initial_state is None else state),
                 (P(b, None, h, None), state))
 
-    return _per_shard(run, segment_ids.shape[0], (inputs.k.shape[2], inputs.v.shape[2]), specs)(
-        inputs, segment_ids, initial_state)
+    return checkpoint_name(
+        _per_shard(run, segment_ids.shape[0], (inputs.k.shape[2], inputs.v.shape[2]), specs)(
+            inputs, segment_ids, initial_state), OP_OUTPUT)
 
 
 def gated_delta_handoff(clean: GatedDeltaInputs, noisy: GatedDeltaInputs, *, segment_ids: jax.Array,
@@ -127,8 +136,9 @@ def gated_delta_handoff(clean: GatedDeltaInputs, noisy: GatedDeltaInputs, *, seg
         inputs, out = _gated_delta_specs(b, h), P(b, None, h, None)
         return (inputs, inputs, P(b, None)), (out, out)
 
-    return _per_shard(run, segment_ids.shape[0], (clean.k.shape[2], clean.v.shape[2]), specs)(
-        clean, noisy, segment_ids)
+    return checkpoint_name(
+        _per_shard(run, segment_ids.shape[0], (clean.k.shape[2], clean.v.shape[2]), specs)(
+            clean, noisy, segment_ids), OP_OUTPUT)
 
 
 def _gated_delta_specs(b, h) -> GatedDeltaInputs:
@@ -142,8 +152,9 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     """Expert matmul over rows sorted by expert (``jax.lax.ragged_dot`` semantics, fp32 result):
     ``ragged_dot`` on CPU/TPU, the Pallas grouped-matmul kernels on the GPU. Called per batch
     shard through :func:`routed_experts`."""
-    return grouped_matmul_api.grouped_matmul(x, w, group_sizes, precision=precision,
-                                             backend=backend)
+    return checkpoint_name(grouped_matmul_api.grouped_matmul(x, w, group_sizes,
+                                                             precision=precision,
+                                                             backend=backend), OP_OUTPUT)
 
 
 EXPERT_AXIS = "expert"

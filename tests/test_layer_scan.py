@@ -44,9 +44,9 @@ def test_group_period(types, period):
 
 def test_scanned_layers_equal_unrolled_layers():
     """Layers [L, F] x 2 + L: a scan over 2 groups of 2, then the tail layer unrolled. The scanned
-    run also remats (the unrolled one does not: remat must not change numbers) and both apply a
-    ``constrain`` hook that scales the hidden states, so a missed or extra call would show; the
-    same for the causal call."""
+    run also remats (FLARE call "selective", causal call "full"; the unrolled one does not: remat
+    must not change numbers) and both apply a ``constrain`` hook that scales the hidden states,
+    so a missed or extra call would show; the same for the causal call."""
     model = HybridLM(model_config([L, F, L, F, L]), dtype=jnp.float32, rngs=nnx.Rngs(3))
     graphdef, params = nnx.split(model)
     rng = np.random.default_rng(0)
@@ -58,9 +58,10 @@ def test_scanned_layers_equal_unrolled_layers():
 
     def loss(params, scan: bool):
         m = nnx.merge(graphdef, params)
-        out_clean, out_noisy = m.flare(clean, noisy, layout, remat=scan,
+        out_clean, out_noisy = m.flare(clean, noisy, layout, remat="selective" if scan else "none",
                                        constrain=lambda h: 0.9 * h, scan_layers=scan)
-        causal, _ = m(clean, segments, scan_layers=scan, remat=scan, constrain=lambda h: 0.9 * h)
+        causal, _ = m(clean, segments, scan_layers=scan, remat="full" if scan else "none",
+                      constrain=lambda h: 0.9 * h)
         outs = (out_clean, out_noisy, causal)
         return sum(jnp.sum(w * o) for w, o in zip(weights, outs, strict=True)), outs
 
@@ -118,8 +119,8 @@ def test_router_statistics_scanned_equal_unrolled():
 
     def aux(params, scan: bool):
         m = nnx.merge(graphdef, params)
-        *_, stats = m.flare(clean, noisy, layout, remat=scan, scan_layers=scan, token_mask=mask,
-                            with_router_stats=True)
+        *_, stats = m.flare(clean, noisy, layout, remat="selective" if scan else "none",
+                            scan_layers=scan, token_mask=mask, with_router_stats=True)
         return load_balancing_loss(stats), stats
 
     results = {}

@@ -148,7 +148,7 @@ class HybridLM(nnx.Module):
                  positions: jax.Array | None = None, cache: DecodeCache | None = None, *,
                  scan_layers: bool = False, token_mask: jax.Array | None = None,
                  with_router_stats: bool = False, normed_hidden: bool = False,
-                 remat: bool = False, constrain: Callable[[jax.Array], jax.Array] | None = None
+                 remat: str = "none", constrain: Callable[[jax.Array], jax.Array] | None = None
                  ) -> tuple:
         """Causal mode. ``tokens [B, T]``; documents marked by ``segment_ids`` (default: one per
         row); ``positions`` default to positions inside each document, and are required with a cache.
@@ -268,13 +268,14 @@ class HybridLM(nnx.Module):
         return logits
 
     def flare(self, clean: jax.Array, noisy: jax.Array, layout: FlareLayout, *,
-              remat: bool = False, constrain: Callable[[jax.Array], jax.Array] | None = None,
+              remat: str = "none", constrain: Callable[[jax.Array], jax.Array] | None = None,
               scan_layers: bool = False, token_mask: jax.Array | None = None,
               with_router_stats: bool = False, normed_hidden: bool = False) -> tuple:
         """FLARE training mode: the clean row and its noised copy ``[B, L]`` in one pass.
 
-        ``remat`` recomputes each decoder layer in the backward pass instead of storing its
-        activations; ``constrain`` is applied to the hidden states ``[B, 2L, hidden]`` after the
+        ``remat`` (``"none"``, ``"full"`` or ``"selective"``, see
+        :mod:`~flare_jax.model.layer_scan`) says what each decoder layer keeps for the backward
+        pass; ``constrain`` is applied to the hidden states ``[B, 2L, hidden]`` after the
         embedding and every layer (training uses it for sharding constraints); ``scan_layers`` runs
         repeated layer groups in one ``lax.scan`` (see :func:`~flare_jax.model.layer_scan.run_layers`;
         same numbers, the program holds one group instead of every layer).

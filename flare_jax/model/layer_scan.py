@@ -8,6 +8,13 @@ stacked, and the scan body merges each role's graph with its slice of the stack.
 back through the stack to the per-layer parameters. Both paths run the same operations in the same
 dtypes.
 
+Remat (``remat``, one of :data:`REMAT_POLICIES`) recomputes each layer in the backward pass:
+``"full"`` keeps only the layer's input; ``"selective"`` also keeps every dense projection's
+output, every op's output and the kernels' residuals (the names ``layers.PROJECTION``,
+``ops.OP_OUTPUT``, ``residuals.KERNEL_RESIDUAL``), so the backward pass recomputes only the
+elementwise work (norms, gates, activations, the l2 normalisation) and runs no matmul or kernel
+forward twice; ``"none"`` keeps everything autodiff saves.
+
 Layers may also return auxiliary sums (the MoE router statistics): they are added up over the
 layers, carried through the scan next to the hidden states. With none (``aux=None``, dense models)
 the carry is the hidden state alone, as before.
@@ -22,8 +29,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flare_jax.model.layers import PROJECTION
+from flare_jax.ops import OP_OUTPUT
+from pallas_kernels.residuals import KERNEL_RESIDUAL
+
 # (layer, hidden) -> (hidden, the layer's auxiliary sums: a pytree shaped like run_layers' aux)
 LayerFn = Callable[[nnx.Module, jax.Array], tuple[jax.Array, Any]]
+
+
+REMAT_POLICIES = ("none", "full", "selective")
+_SAVED = {"full": None,
+          "selective": jax.checkpoint_policies.save_only_these_names(PROJECTION, OP_OUTPUT,
+                                                                     KERNEL_RESIDUAL)}
+
+
+def check_remat(remat: str) -> None:
+    """Raise ``ValueError`` unless ``remat`` is one of :data:`REMAT_POLICIES`."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
 
 
 def _signature(layer: nnx.Module) -> tuple:
@@ -45,18 +68,19 @@ def group_period(layers: Sequence[nnx.Module]) -> int | None:
 
 
 def run_layers(layers: Sequence[nnx.Module], h: jax.Array, apply: LayerFn, *, scan: bool,
-               remat: bool = False, aux: Any = None) -> tuple[jax.Array, Any]:
+               remat: str = "none", aux: Any = None) -> tuple[jax.Array, Any]:
     """``h, layer_aux = apply(layer, h)`` for every layer in order; returns the final ``h`` and
     ``aux`` plus the sum of every ``layer_aux`` (same pytree structure; ``None`` for none).
-    ``remat`` recomputes each layer in the backward pass instead of storing its activations.
+    ``remat`` (:data:`REMAT_POLICIES`) says what each layer keeps for the backward pass.
 
     With ``scan`` and a repeating stack (:func:`group_period`) the full groups run as one
     ``lax.scan`` over stacked per-role states and any leftover layers run unrolled after it;
     otherwise every layer runs unrolled.
     """
+    check_remat(remat)
     period = group_period(layers) if scan else None
     if period is None:
-        run = nnx.remat(apply) if remat else apply
+        run = apply if remat == "none" else nnx.remat(apply, policy=_SAVED[remat])
         for layer in layers:
             h, layer_aux = run(layer, h)
             aux = jax.tree.map(jnp.add, aux, layer_aux)
@@ -69,7 +93,8 @@ def run_layers(layers: Sequence[nnx.Module], h: jax.Array, apply: LayerFn, *, sc
             return apply(nnx.merge(graphdef, state), x)
 
         # prevent_cse=False: the scan already keeps the recomputation out of the forward pass.
-        return jax.checkpoint(fn, prevent_cse=False) if remat else fn
+        return fn if remat == "none" else jax.checkpoint(fn, prevent_cse=False,
+                                                         policy=_SAVED[remat])
 
     roles = [role_fn(graphdef) for graphdef, _ in split[:period]]
     stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in split[r::period]))

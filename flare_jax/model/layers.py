@@ -7,8 +7,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = jnp.dtype | type
+PROJECTION = "projection"  # the name of every dense projection's output (remat policies)
 
 
 def matmul_precision(dtype: Dtype) -> jax.lax.Precision:
@@ -49,7 +51,7 @@ project.defvjp(_project_fwd, _project_bwd)
 
 class Dense(nnx.Module):
     """``y = x @ kernel`` with ``kernel [in, out]``; compute in ``dtype``, accumulate in fp32
-    (forward and backward, :func:`project`)."""
+    (forward and backward, :func:`project`); ``y`` is named :data:`PROJECTION`."""
 
     def __init__(self, in_features: int, out_features: int, *, dtype: Dtype, param_dtype: Dtype,
                  rngs: nnx.Rngs, init_scale: float = 0.02):
@@ -58,8 +60,9 @@ class Dense(nnx.Module):
             init_scale * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return project(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                       matmul_precision(self.dtype))
+        y = project(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                    matmul_precision(self.dtype))
+        return checkpoint_name(y, PROJECTION)
 
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:

@@ -20,6 +20,7 @@ import ml_collections
 from flare_jax.checkpoint import HF_CONFIG_FILE
 from flare_jax.config import ConfigError, ModelConfig
 from flare_jax.data import DataConfig
+from flare_jax.model.layer_scan import REMAT_POLICIES
 from flare_jax.objective import LossConfig, NoiseConfig
 
 DTYPES = ("float32", "bfloat16")
@@ -44,7 +45,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.mask_token_id = -1  # -1: take it from the model config
     c.model.dtype = "bfloat16"  # compute dtype; parameters and optimizer state stay fp32
     c.model.backend = "auto"
-    c.model.remat = False  # recompute each decoder layer in the backward pass
+    # what each decoder layer keeps for the backward pass: "none" (all activations), "full"
+    # (its input; everything recomputed), "selective" (also matmul, op and kernel outputs;
+    # only elementwise work recomputed): flare_jax.model.layer_scan
+    c.model.remat = "none"
     c.model.scan_layers = True  # run repeated layer groups in one lax.scan: the compiled program
     # holds one group instead of every layer (same numbers; stacks that do not repeat run unrolled)
 
@@ -145,7 +149,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("model.mask_token_id", lambda v: _int(v) and v >= -1, "an int >= -1"),
         ("model.dtype", lambda v: v in DTYPES, f"one of {DTYPES}"),
         ("model.backend", lambda v: v in BACKENDS, f"one of {BACKENDS}"),
-        ("model.remat", lambda v: isinstance(v, bool), "a bool"),
+        ("model.remat", lambda v: v in REMAT_POLICIES, f"one of {REMAT_POLICIES}"),
         ("model.scan_layers", lambda v: isinstance(v, bool), "a bool"),
         ("data.paths", lambda v: isinstance(v, list | tuple) and len(v) > 0
          and all(isinstance(p, str) for p in v), "a non-empty list of file paths/globs"),

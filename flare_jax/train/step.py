@@ -95,7 +95,7 @@ class StepConfig:
     noise: NoiseConfig
     loss: LossConfig
     grad_accum: int = 1
-    remat: bool = False  # recompute each decoder layer in the backward pass (both objectives)
+    remat: str = "none"  # what each decoder layer keeps for the backward pass (layer_scan)
     scan_layers: bool = True  # one lax.scan over repeated layer groups (same numbers, fast compile)
     objective: str = "flare"  # or "causal": the plain AR baseline on the clean row only
     # cross-entropy over vocabulary chunks of this many tokens, never holding the [B, L, V]

@@ -11,6 +11,7 @@ from pallas_kernels.backend import resolve_backend
 from pallas_kernels.block_attention import gpu, tpu
 from pallas_kernels.block_attention.mask import TokenLayout
 from pallas_kernels.block_attention.reference import block_attention_reference
+from pallas_kernels.residuals import named_residuals
 
 _KERNELS = {"gpu": gpu, "tpu": tpu}
 
@@ -28,7 +29,7 @@ def _kernel_fwd(q, k, v, q_layout, kv_layout, scale, backend):
     kernel = _KERNELS[backend.removesuffix("_interpret")]
     out, lse = kernel.forward(q, k, v, q_layout, kv_layout, scale=scale,
                               interpret=backend.endswith("_interpret"))
-    return out, (q, k, v, q_layout, kv_layout, out, lse)
+    return out, named_residuals((q, k, v, q_layout, kv_layout, out, lse))
 
 
 def _kernel_bwd(scale, backend, residuals, d_out):

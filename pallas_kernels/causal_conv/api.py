@@ -10,6 +10,7 @@ import numpy as np
 
 from pallas_kernels.backend import resolve_backend
 from pallas_kernels.causal_conv import gpu, reference
+from pallas_kernels.residuals import named_residuals
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -19,7 +20,7 @@ def _with_gpu_backward(padded_x, padded_clean, weight, padded_seg, block_size, i
 
 def _fwd(padded_x, padded_clean, weight, padded_seg, block_size, interpret):
     out = reference.conv_silu(padded_x, padded_clean, weight, padded_seg, block_size)
-    return out, (padded_x, padded_clean, weight, padded_seg)
+    return out, named_residuals((padded_x, padded_clean, weight, padded_seg))
 
 
 def _bwd(block_size, interpret, residuals, d_out):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from pallas_kernels.backend import resolve_backend
 from pallas_kernels.gated_delta import gpu_prep, reference
 from pallas_kernels.gated_delta.reference import F32, ChunkTensors, ScanFn
+from pallas_kernels.residuals import named_residuals
 
 
 class GatedDeltaInputs(NamedTuple):
@@ -58,7 +59,7 @@ def _kernel_scan_fwd(backend: str, need_states: bool, heads: int | None, ct: Chu
     module, interpret = _kernels(backend)
     kw = dict(noisy=noisy, heads=heads, interpret=interpret)
     o, h, s_final, o_noisy = module.scan_fwd(ct, s0, write_states=True, **kw)
-    return (o, h if need_states else None, s_final, o_noisy), (ct, h, noisy)
+    return (o, h if need_states else None, s_final, o_noisy), named_residuals((ct, h, noisy))
 
 
 def _chunk_cotangents(
@@ -113,7 +114,7 @@ def _kernel_prepare(interpret: bool, chunk: int, scale: float, *inputs: jax.Arra
 
 def _kernel_prepare_fwd(interpret: bool, chunk: int, scale: float, *inputs: jax.Array):
     qg, p, w, u0, kd, t_inv = gpu_prep.prepare_fwd(*inputs, chunk=chunk, scale=scale, interpret=interpret)
-    return (qg, p, w, u0, kd), (inputs, (t_inv, w, u0))
+    return (qg, p, w, u0, kd), named_residuals((inputs, (t_inv, w, u0)))
 
 
 def _kernel_prepare_bwd(interpret: bool, chunk: int, scale: float, residuals, cotangents):

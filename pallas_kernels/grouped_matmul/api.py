@@ -10,6 +10,7 @@ import numpy as np
 
 from pallas_kernels.backend import resolve_backend
 from pallas_kernels.grouped_matmul import gpu
+from pallas_kernels.residuals import named_residuals
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -18,7 +19,10 @@ def _kernel(interpret: bool, x: jax.Array, w: jax.Array, group_sizes: jax.Array)
 
 
 def _kernel_fwd(interpret, x, w, group_sizes):
-    return gpu.grouped_matmul(x, w, group_sizes, interpret=interpret), (x, w, group_sizes)
+    # The weights are the layer's parameters, available to the backward pass anyway: only the
+    # activations are named (a saved copy of the experts per scanned layer would be large).
+    out = gpu.grouped_matmul(x, w, group_sizes, interpret=interpret)
+    return out, (named_residuals(x), w, group_sizes)
 
 
 def _kernel_bwd(interpret, residuals, d_out):

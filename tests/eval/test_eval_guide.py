@@ -24,7 +24,7 @@ GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guide.md"
 # appended to the guide's commands (argparse and the config overrides keep the last value)
 SMALL = {"train": ["--config.data.seq_len=64", "--config.data.global_batch_size=2",
                    "--config.train.steps=2", "--config.train.progress=False",
-                   "--config.model.dtype=float32", "--config.model.remat=False",
+                   "--config.model.dtype=float32", "--config.model.remat=none",
                    "--config.checkpoint.async_save=False"],
          "sample": ["--max-new-tokens", "8"], "eval": ["--max-new-tokens", "8"]}
 

@@ -70,10 +70,13 @@ def test_overrides():
     cfg = _tiny()
     apply_overrides(cfg, ["--config.train.steps=5", "--config.optimizer.learning_rate=1",
                           "--config.data.paths=('a.jsonl', 'b.jsonl')", "--config.workdir=runs/x",
-                          "--config.model.remat=True"])
+                          "--config.model.remat=selective"])
     assert cfg.train.steps == 5 and cfg.optimizer.learning_rate == 1.0
     assert cfg.data.paths == ("a.jsonl", "b.jsonl") and cfg.workdir == "runs/x"
-    assert cfg.model.remat is True
+    assert cfg.model.remat == "selective"
+    apply_overrides(cfg, ["--config.model.remat=True"])  # the old bool spelling
+    with pytest.raises(TrainConfigError, match="config.model.remat: expected one of"):
+        validate(cfg)
     with pytest.raises(TrainConfigError, match="config.train.steps: expected a int"):
         apply_overrides(cfg, ["--config.train.steps=many"])
     with pytest.raises(TrainConfigError, match="config.train.stepz: unknown field"):
