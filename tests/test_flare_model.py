@@ -2,8 +2,11 @@
 
 Checked against the other call modes of the same parameters (causal, and denoise after a causal
 prefill), and by leakage tests: changing a token a position must not see leaves its logits
-bit-identical. fp32 throughout; equivalences hold to 1e-5 (different chunkings of the same
-recurrence reorder fp32 sums).
+bit-identical. fp32 throughout; equivalences hold to 3e-5 on logits of magnitude ~1: different
+chunkings of the same recurrence (the FLARE clean stream runs at chunk 8, a causal pass at 64)
+reorder fp32 sums, and the chunk's unit-lower inverse amplifies that rounding for correlated
+keys (seen: up to 1.03e-5 with the weights transformers 5.24 initialises; a wrong state handoff
+or a leaked token moves logits by 1e-2 or more).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import flare_jax
 from flare_jax.layout import FlareLayout
 from flare_jax.model.cache import init_cache
 
-ATOL = 1e-5
+ATOL = 3e-5
 BLOCK = 8
 MASK_ID = 2
 
