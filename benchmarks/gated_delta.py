@@ -300,7 +300,7 @@ def bench_stages(b, t, h, d, backend) -> dict:
     t_inv = gpu_prep.solve(a, dtype=bf16, **kw)
     r["wy"] = timeit(jax.jit(functools.partial(gpu_prep.wy, **kw)), t_inv, *prep_in)
     saved = (t_inv, *(x.reshape(b * h, t, -1) for x in (ct.w, ct.u0)))
-    cots = tuple(x.reshape(b * h, t, -1) for x in ct[:5])  # the kernels' flat layout
+    cots = tuple(x.reshape(b * h, t, -1) for x in (ct.p, ct.w, ct.u0))  # the kernels' flat layout
 
     def prep_bwd(warps: int) -> float:
         fn = functools.partial(gpu_prep.prepare_bwd, scale=scale, num_warps=warps, **kw)
@@ -309,6 +309,9 @@ def bench_stages(b, t, h, d, backend) -> dict:
     r["prepare_bwd_w4"] = prep_bwd(4)
     scan = functools.partial(gpu.scan_fwd, write_states=False, interpret=interpret)
     r["scan_fwd"] = timeit(jax.jit(scan), ct, s0)
+    for stages in (1, 2):
+        fn = functools.partial(scan, tiling=gpu.Tiling(num_stages=stages))
+        r[f"scan_fwd_{stages}_stages"] = timeit(jax.jit(fn), ct, s0)
     r["scan_bwd"] = timeit(jax.jit(functools.partial(gpu.scan_bwd, interpret=interpret)), ct, do, s0, None)
     _, h_states, *_ = jax.jit(functools.partial(gpu.scan_fwd, write_states=True, interpret=interpret))(ct, s0)
     scan_vjp = jax.jit(api._kernel_scan_bwd, static_argnums=(0, 1, 2))  # noqa: SLF001

@@ -11,9 +11,13 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backend import resolve_backend
-from pallas_kernels.gated_delta import gpu_prep, reference
+from pallas_kernels.gated_delta import gpu, gpu_prep, reference
 from pallas_kernels.gated_delta.reference import F32, ChunkTensors, ScanFn
 from pallas_kernels.residuals import named_residuals
+
+# The scan kernels' operands of one stream: the GPU's (qg, kd as row-scaled q, k) or the
+# chunk tensors themselves (TPU).
+ScanInputs = gpu.ScanOperands | ChunkTensors
 
 
 class GatedDeltaInputs(NamedTuple):
@@ -44,18 +48,19 @@ def _kernel_scan(
     backend: str,
     need_states: bool,
     heads: int | None,
-    ct: ChunkTensors,
+    ct: ScanInputs,
     s0: jax.Array,
-    noisy: ChunkTensors | None,
+    noisy: ScanInputs | None,
 ):
     """Kernel scan ``(o, h, s_final, o_noisy)`` (outputs in the public layout when ``heads``,
     see ``reference.ScanFn``); ``noisy``: a second stream whose chunk ``i`` reads the state
-    entering chunk ``i`` (``o_noisy`` None without it)."""
+    entering chunk ``i`` (``o_noisy`` None without it). ``ct``, ``noisy``: the backend's
+    operands (``gpu.ScanOperands``, ``reference.ChunkTensors`` on the TPU)."""
     module, interpret = _kernels(backend)
     return module.scan_fwd(ct, s0, write_states=need_states, noisy=noisy, heads=heads, interpret=interpret)
 
 
-def _kernel_scan_fwd(backend: str, need_states: bool, heads: int | None, ct: ChunkTensors, s0, noisy):
+def _kernel_scan_fwd(backend: str, need_states: bool, heads: int | None, ct: ScanInputs, s0, noisy):
     module, interpret = _kernels(backend)
     kw = dict(noisy=noisy, heads=heads, interpret=interpret)
     o, h, s_final, o_noisy = module.scan_fwd(ct, s0, write_states=True, **kw)
@@ -63,22 +68,22 @@ def _kernel_scan_fwd(backend: str, need_states: bool, heads: int | None, ct: Chu
 
 
 def _chunk_cotangents(
-    ct: ChunkTensors, h: jax.Array, do: jax.Array, du: jax.Array, dh_next: jax.Array | None
+    ct: ScanInputs, h: jax.Array, do: jax.Array, du: jax.Array, dh_next: jax.Array | None
 ) -> ChunkTensors:
-    """Cotangents of one stream's chunk tensors (XLA batched matmuls) from the states entering
-    each chunk ``h``, the output cotangent ``do`` and the reverse scan's ``du``; ``dh_next`` (the
-    cotangent of the state leaving each chunk) is None for a stream that never updates the
-    state (its ``kd`` and ``gam`` get zeros)."""
+    """fp32 cotangents of the chunk tensors one stream's operands ``ct`` stand for (XLA batched
+    matmuls) from the states entering each chunk ``h``, the output cotangent ``do`` and the
+    reverse scan's ``du``; ``dh_next`` (the cotangent of the state leaving each chunk) is None
+    for a stream that never updates the state (its ``kd`` and ``gam`` get zeros)."""
     # Matmul operands in the chunk tensors' dtype (bf16 on the fast path), fp32 accumulation.
     dt = ct.w.dtype
     h_c, do_c, du_c = h.astype(dt), do.astype(dt), du.astype(dt)
     u_c = (ct.u0.astype(F32) - _mm("ntlk,ntkv->ntlv", ct.w, h_c)).astype(dt)
     if dh_next is None:
-        dkd, dgam = jnp.zeros_like(ct.kd), jnp.zeros_like(ct.gam)
+        dkd, dgam = jnp.zeros(ct.w.shape, F32), jnp.zeros_like(ct.gam)
     else:
         dkd = _mm("ntlv,ntkv->ntlk", u_c, dh_next.astype(dt))
         dgam = jnp.sum(h * dh_next, axis=(-2, -1))
-    grads = ChunkTensors(
+    return ChunkTensors(
         qg=_mm("ntlv,ntkv->ntlk", do_c, h_c),
         p=_mm("ntlv,ntmv->ntlm", do_c, u_c),
         w=-_mm("ntlv,ntkv->ntlk", du_c, h_c),
@@ -86,7 +91,6 @@ def _chunk_cotangents(
         kd=dkd,
         gam=dgam,
     )
-    return ChunkTensors(*(d.astype(x.dtype) for d, x in zip(grads, ct, strict=True)))
 
 
 def _kernel_scan_bwd(backend: str, need_states: bool, heads: int | None, residuals, cotangents):
@@ -94,14 +98,16 @@ def _kernel_scan_bwd(backend: str, need_states: bool, heads: int | None, residua
     ct, h, noisy = residuals
     do, dh, ds_final, do_noisy = cotangents
     if heads is not None:
-        chunk = ct.qg.shape[2]
+        chunk = ct.p.shape[2]
         do, do_noisy = (None if x is None else reference.chunked_output(x, chunk) for x in (do, do_noisy))
     module, interpret = _kernels(backend)
     du, dh_next, ds0, du_noisy = module.scan_bwd(
         ct, do, ds_final, dh if need_states else None, noisy=noisy, do_noisy=do_noisy, interpret=interpret
     )
-    d_noisy = None if noisy is None else _chunk_cotangents(noisy, h, do_noisy, du_noisy, None)
-    return _chunk_cotangents(ct, h, do, du, dh_next), ds0, d_noisy
+    d_noisy = None
+    if noisy is not None:
+        d_noisy = noisy.cotangent(_chunk_cotangents(noisy, h, do_noisy, du_noisy, None))
+    return ct.cotangent(_chunk_cotangents(ct, h, do, du, dh_next)), ds0, d_noisy
 
 
 _kernel_scan.defvjp(_kernel_scan_fwd, _kernel_scan_bwd)
@@ -113,8 +119,8 @@ def _kernel_prepare(interpret: bool, chunk: int, scale: float, *inputs: jax.Arra
 
 
 def _kernel_prepare_fwd(interpret: bool, chunk: int, scale: float, *inputs: jax.Array):
-    qg, p, w, u0, kd, t_inv = gpu_prep.prepare_fwd(*inputs, chunk=chunk, scale=scale, interpret=interpret)
-    return (qg, p, w, u0, kd), named_residuals((inputs, (t_inv, w, u0)))
+    p, w, u0, t_inv = gpu_prep.prepare_fwd(*inputs, chunk=chunk, scale=scale, interpret=interpret)
+    return (p, w, u0), named_residuals((inputs, (t_inv, w, u0)))
 
 
 def _kernel_prepare_bwd(interpret: bool, chunk: int, scale: float, residuals, cotangents):
@@ -133,25 +139,23 @@ _kernel_prepare.defvjp(_kernel_prepare_fwd, _kernel_prepare_bwd)
 
 
 def _fused_prepare(interpret: bool) -> reference.PrepareFn:
-    """``reference.prepare_chunks`` contract; the per-chunk work runs in the GPU kernels, which
-    read the public layout directly; only the segmented decay cumsum and the run ids stay in
-    XLA (``[B, H, T]``-sized)."""
+    """``reference.prepare_chunks`` contract, returning ``gpu.ScanOperands``: the per-chunk work
+    runs in the GPU kernels, which read the public layout directly; only the segmented decay
+    cumsum, the run ids and the row scales stay in XLA (``[B, H, T]``-sized)."""
 
-    def prepare(q, k, v, g, beta, reset, chunk, scale, out_dtype) -> ChunkTensors:
+    def prepare(q, k, v, g, beta, reset, chunk, scale, out_dtype) -> gpu.ScanOperands:
         b, t, hv = g.shape
+        n, nt = b * hv, t // chunk
         rel = reference.chunk_ids(reset, chunk)
         gcum = reference.chunk_log_decays(jnp.moveaxis(g, 2, 1), reset, chunk)
-        gam = reference.carry_decay(gcum, rel[:, None]).reshape(b * hv, t // chunk)
-        outs = _kernel_prepare(
-            interpret,
-            chunk,
-            scale,
-            *(x.astype(out_dtype) for x in (q, k, v)),
-            beta.astype(F32),
-            gcum.reshape(b * hv, t),
-            rel.reshape(b, t),
+        gam = reference.carry_decay(gcum, rel[:, None]).reshape(n, nt)
+        q_scale, k_scale = (x.reshape(n, t) for x in reference.row_scales(gcum, rel[:, None], scale))
+        q, k, v = (x.astype(out_dtype) for x in (q, k, v))
+        p, w, u0 = _kernel_prepare(
+            interpret, chunk, scale, q, k, v, beta.astype(F32), gcum.reshape(n, t), rel.reshape(b, t)
         )
-        return ChunkTensors(*(x.reshape(b * hv, t // chunk, chunk, -1) for x in outs), gam)
+        p, w, u0 = (x.reshape(n, nt, chunk, -1) for x in (p, w, u0))
+        return gpu.ScanOperands(q, q_scale, p, w, u0, k, k_scale, gam)
 
     return prepare
 
@@ -244,7 +248,7 @@ def _handoff_scans(
         # slice of the clean scan's states, in the same row order).
         scan, per_block = _scan_fn(backend), block_size // chunk
         o_clean, h, s_final = scan(ct, s0, True, hv)
-        blocks = ChunkTensors(*(x.reshape(-1, per_block, *x.shape[2:]) for x in ct_noisy))
+        blocks = ct_noisy.blocks(per_block)
         o_noisy, _, _ = scan(blocks, h[:, ::per_block].reshape(-1, dk, dv), False, None)
         o_noisy = reference.public_output(o_noisy.reshape(ct_noisy.u0.shape), hv)
     return o_clean.astype(clean.v.dtype), o_noisy.astype(noisy.v.dtype), s_final.reshape(b, hv, dk, dv)

@@ -3,6 +3,9 @@
 Grid ``(N, Dv / block_v)`` (N = batch * heads): each program owns a ``[Dk, block_v]`` column block
 of one head's fp32 state and walks all chunks in a ``fori_loop`` (forward: first to last; backward:
 last to first). The state column blocks are independent, so nothing crosses programs.
+
+The chunk operands are :class:`ScanOperands`: ``qg`` and ``kd`` of ``reference.ChunkTensors``
+stay q and k with per-token row scales, read where they are (the public layout).
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ import functools
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gated_delta._steps import F32, bwd_step, check_noisy, fwd_step, out_bwd, out_step
-from pallas_kernels.gated_delta.reference import ChunkTensors
+from pallas_kernels.gated_delta.reference import ChunkTensors, expand_heads, split_rows
 
 _NUM_SMS_HINT = 132  # enough programs to fill an H100; smaller value blocks otherwise
 
@@ -44,18 +48,26 @@ class Tiling(NamedTuple):
 
     block_v: int | None = None  # None: ``_block_v``'s choice
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int | None = None  # None: ``_stages``'s choice
 
     def width(self, n: int, dv: int) -> int:
         return _block_v(n, dv) if self.block_v is None else min(self.block_v, dv)
 
-    def params(self, tile_bytes: int) -> plgpu.CompilerParams:
-        """Compiler parameters; fewer pipeline stages where ``num_stages`` copies of one
-        chunk's tiles (``tile_bytes``) would not fit in shared memory."""
-        stages = self.num_stages
+    def params(self, tile_bytes: int, programs: int) -> plgpu.CompilerParams:
+        """Compiler parameters for ``programs`` programs; fewer pipeline stages where that many
+        copies of one chunk's tiles (``tile_bytes``) would not fit in shared memory."""
+        stages = _stages(programs) if self.num_stages is None else self.num_stages
         while stages > 1 and stages * tile_bytes > _SMEM_BYTES:
             stages -= 1
         return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=stages)
+
+
+def _stages(programs: int) -> int:
+    """Two pipeline stages (the next chunk's tiles load during this one's dots) while every
+    program has an SM of its own; one where programs outnumber SMs, so that the shared memory
+    of one stage lets several programs share an SM (H200, 8 x 4096 x 16 x 128, 256 programs:
+    forward scan 0.355 ms at one stage, 0.386 at two)."""
+    return 2 if programs <= _NUM_SMS_HINT else 1
 
 
 # Shared memory per program on the H100 / H200 (227 KiB) less Triton's own use. The handoff scan
@@ -71,7 +83,82 @@ def _tile_bytes(chunk: int, widths: list[int], itemsize: int) -> int:
 
 DEFAULT_TILING = Tiling()
 # Backward at 64 columns (8 x 4096 x 16 x 128, H100): 8 warps 1.00 ms, 32 columns x 4 warps 1.36.
-BWD_TILING = Tiling(num_warps=8)
+BWD_TILING = Tiling(num_warps=8, num_stages=2)
+
+
+class ScanOperands(NamedTuple):
+    """The GPU scan's operands: ``reference.ChunkTensors`` with ``qg = diag(q_scale) q`` and
+    ``kd = diag(k_scale) k`` left unformed (never written; the scan scales the ``[L, BV]`` side
+    of their products). ``q``, ``k`` are in the public ``[B, T, Hk, Dk]`` layout (row
+    ``n = b * Hv + head`` reads key head ``head // (Hv / Hk)``) or flat ``[N, T, Dk]``."""
+
+    q: jax.Array
+    q_scale: jax.Array  # [N, T] fp32, scale c exp(G)
+    p: jax.Array  # [N, NT, L, L]
+    w: jax.Array  # [N, NT, L, Dk]
+    u0: jax.Array  # [N, NT, L, Dv]
+    k: jax.Array
+    k_scale: jax.Array  # [N, T] fp32, D[L - 1, :]
+    gam: jax.Array  # [N, NT] fp32
+
+    def flat(self) -> ScanOperands:
+        """The same operands with q, k in the flat ``[N, T, Dk]`` layout (a copy)."""
+        n = self.q_scale.shape[0]
+        return self._replace(q=_flat_rows(self.q, n), k=_flat_rows(self.k, n))
+
+    def blocks(self, per_block: int) -> ScanOperands:
+        """Rows ``(n, block)`` of ``per_block`` chunks each (q, k made flat first)."""
+        return split_rows(self.flat(), self.gam.shape[1] // per_block)
+
+    def cotangent(self, d: ChunkTensors) -> ScanOperands:
+        """Cotangents of these operands from those of the chunk tensors they stand for (fp32
+        ``[N, NT, L, ...]``): ``dq = diag(q_scale) dqg``, ``d q_scale = rowsum(q * dqg)``, the
+        same for k, and key heads sum their value heads in the public layout."""
+        n, t = self.q_scale.shape
+        flat = self.flat()
+        dq, dk = (x.reshape(n, t, -1) for x in (d.qg, d.kd))
+        return ScanOperands(
+            _as_layout(self.q_scale[..., None] * dq, self.q),
+            jnp.sum(flat.q.astype(F32) * dq, axis=-1),
+            d.p.astype(self.p.dtype),
+            d.w.astype(self.w.dtype),
+            d.u0.astype(self.u0.dtype),
+            _as_layout(self.k_scale[..., None] * dk, self.k),
+            jnp.sum(flat.k.astype(F32) * dk, axis=-1),
+            d.gam,
+        )
+
+
+def _flat_rows(x: jax.Array, n: int) -> jax.Array:
+    """Public ``[B, T, Hk, D]`` -> flat ``[N, T, D]`` (N = B * Hv value-head rows); flat as is."""
+    if x.ndim == 3:
+        return x
+    b, t, _, d = x.shape
+    return jnp.moveaxis(expand_heads(x, n // b), 2, 1).reshape(n, t, d)
+
+
+def _as_layout(d: jax.Array, like: jax.Array) -> jax.Array:
+    """Flat fp32 ``[N, T, D]`` row cotangents in the layout and dtype of ``like`` (public: the
+    value-head rows of a key head summed)."""
+    if like.ndim == 3:
+        return d.astype(like.dtype)
+    b, t, hk, dim = like.shape
+    per_key = d.reshape(b, hk, -1, t, dim).sum(axis=2)
+    return jnp.moveaxis(per_key, 1, 2).astype(like.dtype)
+
+
+def _rows_spec(x: jax.Array, n: int) -> pl.BlockSpec:
+    """q / k: program ``i`` sees all rows of its head (public or flat layout)."""
+    if x.ndim == 3:
+        return _full_spec(x.shape[1], x.shape[2])
+    b, t, hk, d = x.shape
+    hv = n // b
+    rep = hv // hk
+    return pl.BlockSpec((None, t, None, d), lambda i, j: (i // hv, 0, (i % hv) // rep, 0))
+
+
+def _scale_spec(t: int) -> pl.BlockSpec:
+    return pl.BlockSpec((None, t), lambda i, j: (i, 0))
 
 
 def _full_spec(rows: int, width: int, blocked: bool = False) -> pl.BlockSpec:
@@ -79,22 +166,51 @@ def _full_spec(rows: int, width: int, blocked: bool = False) -> pl.BlockSpec:
     return pl.BlockSpec((None, rows, width), lambda n, j: (n, 0, j if blocked else 0))
 
 
+# The operands each kernel reads, in order: the forward reads all of a stream's; a second stream
+# that only reads the state (the FLARE handoff's noisy blocks) reads its output half.
+_FWD = ("q", "q_scale", "p", "w", "u0", "k", "k_scale", "gam")
+_FWD_READER = _FWD[:5]
+_BWD = ("q", "q_scale", "p", "w", "k", "k_scale", "gam")
+_BWD_READER = _BWD[:4]
+
+
+def _operands(ops: ScanOperands, names: tuple[str, ...], bv: int) -> tuple[list, list]:
+    """``(arrays, block specs)`` of the named operands, chunk tensors flattened to rows."""
+    n, t = ops.q_scale.shape
+    nt, dk = ops.gam.shape[1], ops.w.shape[-1]
+    table = {
+        "q": (ops.q, _rows_spec(ops.q, n)),
+        "q_scale": (ops.q_scale, _scale_spec(t)),
+        "p": (_flat(ops.p), _full_spec(t, t // nt)),
+        "w": (_flat(ops.w), _full_spec(t, dk)),
+        "u0": (_flat(ops.u0), _full_spec(t, bv, True)),
+        "k": (ops.k, _rows_spec(ops.k, n)),
+        "k_scale": (ops.k_scale, _scale_spec(t)),
+        "gam": (ops.gam, pl.BlockSpec((None, nt), lambda i, j: (i, 0))),
+    }
+    return [table[x][0] for x in names], [table[x][1] for x in names]
+
+
 def _fwd_kernel(*refs, chunk: int, num_chunks: int, write_states: bool, noisy: bool):
-    """Inputs ``qg, p, w, u0, kd, gam, s0`` [+ the noisy ``qg, p, w, u0``], outputs ``o, s_final``
-    [+ ``h``] [+ noisy ``o``]: block ``i`` of the noisy stream reads the state entering chunk ``i``."""
-    (qg, p, w, u0, kd, gam, s0), refs = refs[:7], refs[7:]
-    side, (o, s_final, *outs) = (refs[:4], refs[4:]) if noisy else ((), refs)
+    """Inputs: the ``_FWD`` operands, ``s0`` [+ the noisy stream's ``_FWD_READER``]; outputs
+    ``o, s_final`` [+ ``h``] [+ noisy ``o``]: block ``i`` of the noisy stream reads the state
+    entering chunk ``i``."""
+    (q, qs, p, w, u0, k, ks, gam, s0), refs = refs[:9], refs[9:]
+    side, (o, s_final, *outs) = (refs[:5], refs[5:]) if noisy else ((), refs)
     h, o_side = (outs[0] if write_states else None), (outs[-1] if noisy else None)
-    dk = qg.shape[-1]
+    dk = q.shape[-1]
 
     def body(i, s):
         rows = pl.ds(i * chunk, chunk)
         if write_states:
             h[pl.ds(i * dk, dk), :] = s
         if noisy:
-            o_n, _ = out_step(*(x[rows, :] for x in side), s.astype(w.dtype))
+            nq, nqs, np_, nw, nu0 = side
+            o_n, _ = out_step(nq[rows, :], np_[rows, :], nw[rows, :], nu0[rows, :], s.astype(w.dtype),
+                              nqs[rows])
             o_side[rows, :] = o_n.astype(o_side.dtype)
-        o_i, s = fwd_step(qg[rows, :], p[rows, :], w[rows, :], u0[rows, :], kd[rows, :], gam[i], s)
+        o_i, s = fwd_step(q[rows, :], p[rows, :], w[rows, :], u0[rows, :], k[rows, :], gam[i], s,
+                          qs[rows], ks[rows])
         o[rows, :] = o_i.astype(o.dtype)
         return s
 
@@ -102,22 +218,24 @@ def _fwd_kernel(*refs, chunk: int, num_chunks: int, write_states: bool, noisy: b
 
 
 def _bwd_kernel(*refs, chunk: int, num_chunks: int, has_dh: bool, noisy: bool):
-    """Inputs ``qg, p, w, kd, gam, do, ds_final`` [+ ``dh``] [+ the noisy ``qg, p, w, do``],
-    outputs ``du, dhn, ds0`` [+ noisy ``du``]."""
-    (qg, p, w, kd, gam, do, ds_final), refs = refs[:7], refs[7:]
+    """Inputs: the ``_BWD`` operands, ``do, ds_final`` [+ ``dh``] [+ the noisy stream's
+    ``_BWD_READER`` and ``do``]; outputs ``du, dhn, ds0`` [+ noisy ``du``]."""
+    (q, qs, p, w, k, ks, gam, do, ds_final), refs = refs[:9], refs[9:]
     dh, refs = (refs[0], refs[1:]) if has_dh else (None, refs)
-    side, (du, dhn, ds0, *du_side) = (refs[:4], refs[4:]) if noisy else ((), refs)
-    dk = qg.shape[-1]
+    side, (du, dhn, ds0, *du_side) = (refs[:5], refs[5:]) if noisy else ((), refs)
+    dk = q.shape[-1]
 
     def body(r, d):
         i = num_chunks - 1 - r
         rows, states = pl.ds(i * chunk, chunk), pl.ds(i * dk, dk)
         dhn[states, :] = d
         dh_i = None if dh is None else dh[states, :]
-        du_i, d = bwd_step(qg[rows, :], p[rows, :], w[rows, :], kd[rows, :], gam[i], do[rows, :], d, dh_i)
+        du_i, d = bwd_step(q[rows, :], p[rows, :], w[rows, :], k[rows, :], gam[i], do[rows, :], d, dh_i,
+                           qs[rows], ks[rows])
         du[rows, :] = du_i
         if noisy:
-            du_n, ds_n = out_bwd(*(x[rows, :] for x in side))
+            nq, nqs, np_, nw, ndo = side
+            du_n, ds_n = out_bwd(nq[rows, :], np_[rows, :], nw[rows, :], ndo[rows, :], None, nqs[rows])
             du_side[0][rows, :] = du_n
             d = d + ds_n
         return d
@@ -130,12 +248,18 @@ def _flat(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def _shape(ops: ScanOperands) -> tuple[int, int, int, int, int]:
+    """``(N, NT, L, Dk, Dv)``."""
+    n, nt, chunk, dk = ops.w.shape
+    return n, nt, chunk, dk, ops.u0.shape[-1]
+
+
 def scan_fwd(
-    ct: ChunkTensors,
+    ops: ScanOperands,
     s0: jax.Array,
     *,
     write_states: bool,
-    noisy: ChunkTensors | None = None,
+    noisy: ScanOperands | None = None,
     heads: int | None = None,
     interpret: bool = False,
     tiling: Tiling = DEFAULT_TILING,
@@ -143,11 +267,10 @@ def scan_fwd(
     """Forward scan. Returns ``o [N, NT, L, Dv]`` (u0's dtype; with ``heads``, written straight
     into the public ``[N / heads, NT * L, heads, Dv]`` layout instead), states entering each chunk
     ``[N, NT, Dk, Dv]`` fp32 (None unless ``write_states``), the final state ``[N, Dk, Dv]`` and
-    the output of the ``noisy`` stream (None without it): a second set of chunk tensors, same
+    the output of the ``noisy`` stream (None without it): a second set of operands, same
     layout, whose chunk ``i`` reads the state entering chunk ``i`` and never updates it (the
     FLARE handoff with one chunk per noisy block)."""
-    n, nt, chunk, dk = ct.qg.shape
-    dv = ct.u0.shape[-1]
+    n, nt, chunk, dk, dv = _shape(ops)
     check_shapes(chunk, dk, dv, interpret)
     t = nt * chunk
     bv = tiling.width(n, dv)
@@ -156,21 +279,23 @@ def scan_fwd(
     else:  # program n writes column block j of head n % heads of batch row n // heads
         o_shape = (n // heads, t, heads, dv)
         o_spec = pl.BlockSpec((None, t, None, bv), lambda i, j: (i // heads, 0, i % heads, j))
-    out_shape = [jax.ShapeDtypeStruct(o_shape, ct.u0.dtype), jax.ShapeDtypeStruct((n, dk, dv), F32)]
+    out_shape = [jax.ShapeDtypeStruct(o_shape, ops.u0.dtype), jax.ShapeDtypeStruct((n, dk, dv), F32)]
     out_specs = [o_spec, _full_spec(dk, bv, True)]
     if write_states:
         out_shape.append(jax.ShapeDtypeStruct((n, nt * dk, dv), F32))
         out_specs.append(_full_spec(nt * dk, bv, True))
-    in_specs = [_full_spec(t, dk), _full_spec(t, chunk), _full_spec(t, dk), _full_spec(t, bv, True)]
-    args = [_flat(x) for x in ct[:5]] + [ct.gam, s0]
-    in_specs += [_full_spec(t, dk), pl.BlockSpec((None, nt), lambda i, j: (i, 0)), _full_spec(dk, bv, True)]
+    args, in_specs = _operands(ops, _FWD, bv)
+    args.append(s0)
+    in_specs.append(_full_spec(dk, bv, True))
+    widths = [dk, chunk, dk, bv, dk]
     if noisy is not None:
-        check_noisy(ct, noisy)
-        in_specs += in_specs[:4]
-        args += [_flat(x) for x in noisy[:4]]
+        check_noisy(ops, noisy)
+        side, side_specs = _operands(noisy, _FWD_READER, bv)
+        args += side
+        in_specs += side_specs
         out_shape.append(jax.ShapeDtypeStruct(o_shape, noisy.u0.dtype))
         out_specs.append(o_spec)
-    widths = [dk, chunk, dk, bv, dk] + ([] if noisy is None else [dk, chunk, dk, bv])
+        widths += [dk, chunk, dk, bv]
     outs = pl.pallas_call(
         functools.partial(
             _fwd_kernel, chunk=chunk, num_chunks=nt, write_states=write_states, noisy=noisy is not None
@@ -179,7 +304,7 @@ def scan_fwd(
         grid=(n, dv // bv),
         in_specs=in_specs,
         out_specs=out_specs,
-        compiler_params=tiling.params(_tile_bytes(chunk, widths, ct.qg.dtype.itemsize)),
+        compiler_params=tiling.params(_tile_bytes(chunk, widths, ops.w.dtype.itemsize), n * dv // bv),
         interpret=interpret,
         name="gated_delta_scan_fwd",
     )(*args)
@@ -192,35 +317,27 @@ def scan_fwd(
 
 
 def scan_bwd(
-    ct: ChunkTensors,
+    ops: ScanOperands,
     do: jax.Array,
     ds_final: jax.Array,
     dh: jax.Array | None,
     *,
-    noisy: ChunkTensors | None = None,
+    noisy: ScanOperands | None = None,
     do_noisy: jax.Array | None = None,
     interpret: bool = False,
     tiling: Tiling = BWD_TILING,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """Reverse scan. ``do [N, NT, L, Dv]``, ``ds_final [N, Dk, Dv]``, ``dh`` (cotangent of the
-    forward's states, or None), the ``noisy`` stream's tensors and output cotangent (or None).
+    forward's states, or None), the ``noisy`` stream's operands and output cotangent (or None).
     Returns ``du [N, NT, L, Dv]``, the cotangent of the state leaving each chunk
     ``[N, NT, Dk, Dv]``, of the initial state ``[N, Dk, Dv]`` and the noisy ``du`` (or None),
     all fp32."""
-    n, nt, chunk, dk = ct.qg.shape
-    dv = ct.u0.shape[-1]
+    n, nt, chunk, dk, dv = _shape(ops)
     t = nt * chunk
     bv = tiling.width(n, dv)
-    in_specs = [
-        _full_spec(t, dk),
-        _full_spec(t, chunk),
-        _full_spec(t, dk),
-        _full_spec(t, dk),
-        pl.BlockSpec((None, nt), lambda i, j: (i, 0)),
-        _full_spec(t, bv, True),
-        _full_spec(dk, bv, True),
-    ]
-    args = [_flat(ct.qg), _flat(ct.p), _flat(ct.w), _flat(ct.kd), ct.gam, _flat(do), ds_final]
+    args, in_specs = _operands(ops, _BWD, bv)
+    args += [_flat(do), ds_final]
+    in_specs += [_full_spec(t, bv, True), _full_spec(dk, bv, True)]
     out_shape = [
         jax.ShapeDtypeStruct((n, t, dv), F32),
         jax.ShapeDtypeStruct((n, nt * dk, dv), F32),
@@ -230,14 +347,16 @@ def scan_bwd(
     if dh is not None:
         in_specs.append(_full_spec(nt * dk, bv, True))
         args.append(_flat(dh.astype(F32)))
+    widths = [dk, chunk, dk, dk, bv]
     if noisy is not None:
-        check_noisy(ct, noisy)
-        in_specs += [*in_specs[:3], _full_spec(t, bv, True)]
-        args += [*(_flat(x) for x in noisy[:3]), _flat(do_noisy)]
+        check_noisy(ops, noisy)
+        side, side_specs = _operands(noisy, _BWD_READER, bv)
+        args += [*side, _flat(do_noisy)]
+        in_specs += [*side_specs, _full_spec(t, bv, True)]
         out_shape.append(out_shape[0])
         out_specs.append(out_specs[0])
-    widths = [dk, chunk, dk, dk, bv] + ([] if noisy is None else [dk, chunk, dk, bv])
-    tile_bytes = _tile_bytes(chunk, widths, ct.qg.dtype.itemsize) + (0 if dh is None else dk * bv * 4)
+        widths += [dk, chunk, dk, bv]
+    tile_bytes = _tile_bytes(chunk, widths, ops.w.dtype.itemsize) + (0 if dh is None else dk * bv * 4)
     outs = pl.pallas_call(
         functools.partial(
             _bwd_kernel, chunk=chunk, num_chunks=nt, has_dh=dh is not None, noisy=noisy is not None
@@ -246,7 +365,7 @@ def scan_bwd(
         grid=(n, dv // bv),
         in_specs=in_specs,
         out_specs=out_specs,
-        compiler_params=tiling.params(tile_bytes),
+        compiler_params=tiling.params(tile_bytes, n * dv // bv),
         interpret=interpret,
         name="gated_delta_scan_bwd",
     )(*args)

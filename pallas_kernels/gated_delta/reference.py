@@ -23,13 +23,14 @@ elsewhere) runs the sequential part; ``chunked_pipeline`` glues them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 
 _HI = jax.lax.Precision.HIGHEST
 F32 = jnp.float32
+T = TypeVar("T", bound=tuple)
 
 
 class ChunkTensors(NamedTuple):
@@ -41,6 +42,19 @@ class ChunkTensors(NamedTuple):
     u0: jax.Array  # [N, NT, L, Dv]
     kd: jax.Array  # [N, NT, L, Dk]  k * D[L-1, :]
     gam: jax.Array  # [N, NT]         c_L exp(G_L), fp32
+
+    def blocks(self, per_block: int) -> ChunkTensors:
+        """Rows ``(n, block)`` of ``per_block`` chunks each (a free reshape)."""
+        return split_rows(self, self.gam.shape[1] // per_block)
+
+    def cotangent(self, d: ChunkTensors) -> ChunkTensors:
+        """``d`` (fp32 cotangents of these tensors) in their dtypes."""
+        return ChunkTensors(*(g.astype(x.dtype) for g, x in zip(d, self, strict=True)))
+
+
+def split_rows(tensors: T, parts: int) -> T:
+    """Every field ``[N, R, ...]`` of a NamedTuple -> ``[N * parts, R / parts, ...]``."""
+    return type(tensors)(*(x.reshape(-1, x.shape[1] // parts, *x.shape[2:]) for x in tensors))
 
 
 # scan(tensors, s0 [N, Dk, Dv], need_states, heads) -> (o, h [N, NT, Dk, Dv] fp32 states entering
@@ -194,6 +208,21 @@ def carry_decay(gcum: jax.Array, rel: jax.Array) -> jax.Array:
     return jnp.where(rel[..., -1] == 0, jnp.exp(gcum[..., -1]), 0.0)
 
 
+def _masked_exp(keep: jax.Array, x: jax.Array) -> jax.Array:
+    """``exp(x)`` where ``keep``, else 0 (never the exp of a masked value: no inf, no NaN
+    gradient)."""
+    return jnp.where(keep, jnp.exp(jnp.where(keep, x, 0.0)), 0.0)
+
+
+def row_scales(gcum: jax.Array, rel: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+    """``(q_scale, k_scale)``, the per-token factors of ``qg = q_scale q`` (``scale c exp(G)``)
+    and ``kd = k_scale k`` (``D[L - 1, :]``, the decay to the chunk's last token) from ``gcum``
+    and ``rel`` ``[..., NT, L]`` (rel broadcastable); fp32."""
+    q_scale = scale * _masked_exp(rel == 0, gcum)
+    k_scale = _masked_exp(rel == rel[..., -1:], gcum[..., -1:] - gcum)
+    return q_scale, k_scale
+
+
 def chunk_tensors(
     qc: jax.Array,
     kc: jax.Array,
@@ -210,8 +239,9 @@ def chunk_tensors(
     tri = jnp.tril(jnp.ones((chunk, chunk), bool))
     same = (rel[..., :, None] == rel[..., None, :]) & tri
     diff = gcum[..., :, None] - gcum[..., None, :]
-    decay = jnp.where(same, jnp.exp(jnp.where(same, diff, 0.0)), 0.0)  # D
-    eg = jnp.where(rel == 0, jnp.exp(gcum), 0.0)  # c exp(G)
+    decay = _masked_exp(same, diff)  # D
+    q_scale, k_scale = row_scales(gcum, rel, scale)
+    eg = _masked_exp(rel == 0, gcum)  # c exp(G)
 
     kk = _mm("...id,...jd->...ij", kc, kc)
     a = jnp.tril(bc[..., :, None] * kk * decay, -1)
@@ -219,9 +249,7 @@ def chunk_tensors(
     u0 = _mm("...ij,...jd->...id", t_inv, bc[..., None] * vc.astype(F32))
     w = _mm("...ij,...jd->...id", t_inv, (bc * eg)[..., None] * kc.astype(F32))
     p = _mm("...id,...jd->...ij", qc, kc) * (decay * scale)
-    qg = (eg * scale)[..., None] * qc.astype(F32)
-    kd = decay[..., -1, :, None] * kc.astype(F32)
-    return qg, p, w, u0, kd
+    return q_scale[..., None] * qc.astype(F32), p, w, u0, k_scale[..., None] * kc.astype(F32)
 
 
 def prepare_chunks(

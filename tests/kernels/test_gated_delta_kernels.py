@@ -27,6 +27,35 @@ def random_chunks(n=3, nt=3, chunk=16, dk=16, dv=32, seed=0):
     return reference.ChunkTensors(*ct, gam), s0
 
 
+def random_operands(b=2, hk=1, hv=2, nt=3, chunk=16, dk=16, dv=32, seed=0):
+    """Arbitrary GPU scan operands: q, k in the public layout with two value heads per key
+    head, random row scales."""
+    ct, s0 = random_chunks(n=b * hv, nt=nt, chunk=chunk, dk=dk, dv=dv, seed=seed)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), 4)
+    q, k = (0.3 * jax.random.normal(kk, (b, nt * chunk, hk, dk)) for kk in keys[:2])
+    q_scale, k_scale = (jax.random.uniform(kk, (b * hv, nt * chunk)) for kk in keys[2:])
+    return gpu.ScanOperands(q, q_scale, ct.p, ct.w, ct.u0, k, k_scale, ct.gam), s0
+
+
+def materialized(ops: gpu.ScanOperands) -> reference.ChunkTensors:
+    """The chunk tensors the operands stand for (``qg = diag(q_scale) q``, ``kd`` likewise)."""
+    flat, shape = ops.flat(), ops.w.shape
+
+    def scaled(x, scale):
+        return (scale[..., None] * x).reshape(shape)
+
+    return reference.ChunkTensors(scaled(flat.q, ops.q_scale), ops.p, ops.w, ops.u0,
+                                  scaled(flat.k, ops.k_scale), ops.gam)
+
+
+def reference_scan(ct, s0, need_states, heads=None):
+    """``reference.scan_chunks`` of the chunk tensors GPU operands stand for (differentiable in
+    the operands)."""
+    if isinstance(ct, gpu.ScanOperands):
+        ct = materialized(ct)
+    return reference.scan_chunks(ct, s0, need_states, heads)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def vjp_of(scan, need_states, ct, s0, cot):
     """Outputs and input cotangents of ``scan`` for output cotangents ``cot = (do, dh, ds)``;
@@ -40,13 +69,16 @@ def vjp_of(scan, need_states, ct, s0, cot):
     return out, pullback(cot if need_states else (cot[0], cot[2]))
 
 
-@pytest.mark.parametrize("backend", ["gpu_interpret", "tpu_interpret"])
-def test_scan_kernels_forward_and_vjp(backend):
-    ct, s0 = random_chunks()
+@pytest.mark.parametrize("backend, operands", [("gpu_interpret", random_operands),
+                                               ("tpu_interpret", random_chunks)])
+def test_scan_kernels_forward_and_vjp(backend, operands):
+    """Outputs, states and every operand's cotangent (for the GPU: q and k in the public layout
+    with GQA, and the row scales) against autodiff of the reference scan."""
+    ct, s0 = operands()
     kernel_scan = api._scan_fn(backend)
     assert "pallas_call" in str(jax.make_jaxpr(kernel_scan, static_argnums=2)(ct, s0, False))
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
-    n, nt, chunk, dk = ct.qg.shape
+    n, nt, chunk, dk = ct.w.shape
     dv = ct.u0.shape[-1]
     do = jax.random.normal(keys[0], (n, nt, chunk, dv))
     dh = jax.random.normal(keys[1], (n, nt, dk, dv))
@@ -55,7 +87,7 @@ def test_scan_kernels_forward_and_vjp(backend):
         out, grads = vjp_of(kernel_scan, need_states, ct, s0, (do, dh, ds))
         # The reference always returns the states; a zero state cotangent stands for "unused".
         dh_r = dh if need_states else jnp.zeros_like(dh)
-        out_r, grads_r = vjp_of(reference.scan_chunks, True, ct, s0, (do, dh_r, ds))
+        out_r, grads_r = vjp_of(reference_scan, True, ct, s0, (do, dh_r, ds))
         out_r = out_r if need_states else (out_r[0], out_r[2])
         for a, r in zip(out, out_r, strict=True):
             np.testing.assert_allclose(a, r, **TOL)
@@ -73,14 +105,16 @@ def test_fused_preparation_and_vjp_match_reference():
     """GPU preparation kernels (interpret mode) vs ``reference.prepare_chunks`` and its autodiff
     VJP, same contract (public layout, GQA with 2 value heads per key head): chunk 48 = three
     16-row blocks (diagonal inverses, one- and two-term block substitutions), several documents
-    per chunk, a row whose first token resets."""
+    per chunk, a row whose first token resets. The GPU operands are compared as the chunk
+    tensors they stand for (``qg``, ``kd`` formed from q, k and the row scales)."""
     b, t, hk, hv, dk, dv, chunk, scale = 2, 96, 1, 2, 16, 32, 48, 0.7
     (q, k, v, g, beta), _ = make_inputs(3, b=b, t=t, hk=hk, hv=hv, dk=dk, dv=dv)
     reset = (jax.random.uniform(jax.random.PRNGKey(5), (b, t)) < 0.06).at[1, 0].set(True)
 
     def run(prepare):
         def f(*x):
-            return prepare(*x, reset, chunk, scale, jnp.float32)
+            out = prepare(*x, reset, chunk, scale, jnp.float32)
+            return materialized(out) if isinstance(out, gpu.ScanOperands) else out
 
         outs, pullback = jax.vjp(f, q, k, v, g, beta)
         cots = [jax.random.normal(jax.random.PRNGKey(i), o.shape) for i, o in enumerate(outs)]
@@ -212,8 +246,13 @@ def test_fused_handoff_lowers_to_triton():
 
 def test_scan_stages_fit_shared_memory():
     """Two pipeline stages of a plain scan's chunk tiles fit (64 KiB at chunk 64, D 128, bf16);
-    the handoff scan's (112 KiB, two streams) drop to one stage (two failed on the H200)."""
+    the handoff scan's (112 KiB, two streams) drop to one stage (two failed on the H200). With
+    more programs than SMs the forward takes one stage (several programs per SM); an explicit
+    stage count holds where it fits."""
     plain = gpu._tile_bytes(64, [128, 64, 128, 64, 128], 2)
     handoff = plain + gpu._tile_bytes(64, [128, 64, 128, 64], 2)
-    assert gpu.Tiling().params(plain).num_stages == 2
-    assert gpu.Tiling().params(handoff).num_stages == 1
+    assert gpu.Tiling().params(plain, 128).num_stages == 2
+    assert gpu.Tiling().params(handoff, 128).num_stages == 1
+    assert gpu.Tiling().params(plain, 256).num_stages == 1
+    assert gpu.Tiling(num_stages=2).params(plain, 256).num_stages == 2
+    assert gpu.Tiling(num_stages=2).params(handoff, 64).num_stages == 1
