@@ -21,7 +21,7 @@ def qwen3_5_config(**shape) -> ml_collections.ConfigDict:
     c = default_config()
     c.model.hf_config = ml_collections.ConfigDict({**COMMON, **shape})
     c.model.dtype = "bfloat16"
-    c.model.remat = "full"
+    c.model.remat = "full"  # "selective" is faster where its saved activations fit (0.8B)
     c.model.scan_layers = True  # 24-32 layers: compile one [linear x3, full] group, not each layer
     c.block_size = 32
     c.data.seq_len = 4096
