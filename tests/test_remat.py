@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 from tiny_models import TINY
 
 from flare_jax.config import FULL, LINEAR, ModelConfig
 from flare_jax.layout import FlareLayout
 from flare_jax.model.hybrid import HybridLM
-from flare_jax.model.layer_scan import check_remat
+from flare_jax.model.layer_scan import check_remat, checkpoint_policy
 
 SMALL = dict(TINY, hidden_size=32, intermediate_size=48, vocab_size=40)
 LENGTH, BLOCK = 32, 16
@@ -60,6 +61,27 @@ def test_selective_remat_recomputes_only_elementwise_work():
     none, full, selective = (flops(r) for r in ("none", "full", "selective"))
     assert full > 1.2 * none
     assert selective - none < 0.25 * (full - none), (none, full, selective)
+
+
+def test_selective_remat_keeps_one_copy_of_the_conv_input(capsys):
+    """The conv kernel's residuals are its zero-padded inputs: "selective" keeps the projection
+    they are padded from (``[B, T, C]``) and re-pads it in the backward pass instead of
+    storing the ``[B, T + K - 1, C]`` copies as well."""
+    graphdef, params = nnx.split(_model("gpu_interpret"))
+    clean, noisy, layout, _ = _inputs()
+    layer_graph, layer_state = nnx.split(nnx.merge(graphdef, params).layers[0])  # linear layer
+    conv_dim = layer_state["linear_attn"]["conv_weight"][...].shape[1]
+    kernel = layer_state["linear_attn"]["conv_weight"][...].shape[0]
+    h = jnp.ones((1, 2 * LENGTH, SMALL["hidden_size"]), jnp.float32)
+
+    def layer_loss(state, h):
+        return jnp.sum(nnx.merge(layer_graph, state).flare(h, layout)[0])
+
+    print_saved_residuals(jax.checkpoint(layer_loss, policy=checkpoint_policy("selective")),
+                          layer_state, h)
+    saved = capsys.readouterr().out
+    assert f"[1,{LENGTH},{conv_dim}] named 'projection'" in saved
+    assert f"[1,{LENGTH + kernel - 1},{conv_dim}]" not in saved
 
 
 @pytest.mark.parametrize("remat", ["full", "selective"])

@@ -49,6 +49,13 @@ def check_remat(remat: str) -> None:
         raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
 
 
+def checkpoint_policy(remat: str) -> Callable[..., bool] | None:
+    """The ``jax.checkpoint`` policy of a remat policy other than ``"none"`` (None: save
+    nothing but the inputs)."""
+    check_remat(remat)
+    return _SAVED[remat]
+
+
 def _signature(layer: nnx.Module) -> tuple:
     """What layers must share to be stacked: graph, state structure, shapes and dtypes."""
     graphdef, state = nnx.split(layer)
@@ -80,7 +87,7 @@ def run_layers(layers: Sequence[nnx.Module], h: jax.Array, apply: LayerFn, *, sc
     check_remat(remat)
     period = group_period(layers) if scan else None
     if period is None:
-        run = apply if remat == "none" else nnx.remat(apply, policy=_SAVED[remat])
+        run = apply if remat == "none" else nnx.remat(apply, policy=checkpoint_policy(remat))
         for layer in layers:
             h, layer_aux = run(layer, h)
             aux = jax.tree.map(jnp.add, aux, layer_aux)
@@ -94,7 +101,7 @@ def run_layers(layers: Sequence[nnx.Module], h: jax.Array, apply: LayerFn, *, sc
 
         # prevent_cse=False: the scan already keeps the recomputation out of the forward pass.
         return fn if remat == "none" else jax.checkpoint(fn, prevent_cse=False,
-                                                         policy=_SAVED[remat])
+                                                         policy=checkpoint_policy(remat))
 
     roles = [role_fn(graphdef) for graphdef, _ in split[:period]]
     stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in split[r::period]))

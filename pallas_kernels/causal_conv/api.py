@@ -10,7 +10,6 @@ import numpy as np
 
 from pallas_kernels.backend import resolve_backend
 from pallas_kernels.causal_conv import gpu, reference
-from pallas_kernels.residuals import named_residuals
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -19,8 +18,11 @@ def _with_gpu_backward(padded_x, padded_clean, weight, padded_seg, block_size, i
 
 
 def _fwd(padded_x, padded_clean, weight, padded_seg, block_size, interpret):
+    # The residuals are not named (``pallas_kernels.residuals``): they are the padded inputs, a
+    # cheap copy of what the caller keeps (the projection's output) that a remat policy should
+    # rebuild rather than store a second time.
     out = reference.conv_silu(padded_x, padded_clean, weight, padded_seg, block_size)
-    return out, named_residuals((padded_x, padded_clean, weight, padded_seg))
+    return out, (padded_x, padded_clean, weight, padded_seg)
 
 
 def _bwd(block_size, interpret, residuals, d_out):

@@ -288,7 +288,8 @@ def prepare_chunks(
     return ChunkTensors(*map(flat, tensors), gam)
 
 
-# prepare(q, k, v, g, beta, reset, chunk, scale, out_dtype) -> ChunkTensors (see prepare_chunks)
+# prepare(q, k, v, g, beta, reset, chunk, scale, out_dtype) -> the scan's operands (see
+# prepare_chunks): ChunkTensors, or the GPU's gpu.ScanOperands that stand for them
 PrepareFn = Callable[..., ChunkTensors]
 
 prepare_remat: PrepareFn = jax.checkpoint(prepare_chunks, static_argnums=(6, 7, 8))
