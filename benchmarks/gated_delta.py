@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.gated_delta import api, gpu, gpu_prep, reference
+from pallas_kernels.gated_delta import api, gpu, gpu_pass, gpu_prep, reference
 
 F32 = jnp.float32
 
@@ -275,12 +275,11 @@ def bench_stages(b, t, h, d, backend) -> dict:
     chunk, scale, bf16 = 64, d**-0.5, jnp.bfloat16
     (q, k, v, g, beta), _ = make_inputs(jax.random.PRNGKey(0), b, t, h, h, d, d, bf16)
     reset = jnp.zeros((b, t), bool)
-    rel = reference.chunk_ids(reset, chunk).reshape(b, t)
-    gcum = reference.chunk_log_decays(jnp.moveaxis(g, 2, 1), reset, chunk).reshape(b * h, t)
-    prep_in = (q, k, v, beta.astype(F32), gcum, rel)
+    stream = api._gpu_prepare(q, k, v, g, beta, reset, chunk, scale, bf16)  # noqa: SLF001
+    prep_in = (stream.q, stream.k, stream.v, stream.beta, stream.gcum, stream.rel)
     kw = dict(chunk=chunk, interpret=interpret)
-    prepare = jax.jit(
-        lambda *a: api._fused_prepare(interpret)(*a, reset, chunk, scale, bf16)  # noqa: SLF001
+    prepare = jax.jit(  # the XLA glue, the kernels and the row scales of the scan's operands
+        lambda *a: gpu_pass._prepare(api._gpu_prepare(*a, reset, chunk, scale, bf16), interpret)[0]  # noqa: SLF001
     )
     ct = prepare(q, k, v, g, beta)
     s0 = jnp.zeros((b * h, d, d), F32)
@@ -299,8 +298,9 @@ def bench_stages(b, t, h, d, backend) -> dict:
     r["solve_w2"] = solve(2)
     t_inv = gpu_prep.solve(a, dtype=bf16, **kw)
     r["wy"] = timeit(jax.jit(functools.partial(gpu_prep.wy, **kw)), t_inv, *prep_in)
-    saved = (t_inv, *(x.reshape(b * h, t, -1) for x in (ct.w, ct.u0)))
-    cots = tuple(x.reshape(b * h, t, -1) for x in (ct.p, ct.w, ct.u0))  # the kernels' flat layout
+    saved = (t_inv, *map(reference.flat_chunks, (ct.w, ct.u0)))
+    # (dqg, dp, dw, du0, dkd) in the kernels' flat layout (dqg, dkd shaped like w)
+    cots = tuple(map(reference.flat_chunks, (ct.w, ct.p, ct.w, ct.u0, ct.w)))
 
     def prep_bwd(warps: int) -> float:
         fn = functools.partial(gpu_prep.prepare_bwd, scale=scale, num_warps=warps, **kw)
@@ -314,9 +314,12 @@ def bench_stages(b, t, h, d, backend) -> dict:
         r[f"scan_fwd_{stages}_stages"] = timeit(jax.jit(fn), ct, s0)
     r["scan_bwd"] = timeit(jax.jit(functools.partial(gpu.scan_bwd, interpret=interpret)), ct, do, s0, None)
     _, h_states, *_ = jax.jit(functools.partial(gpu.scan_fwd, write_states=True, interpret=interpret))(ct, s0)
-    scan_vjp = jax.jit(api._kernel_scan_bwd, static_argnums=(0, 1, 2))  # noqa: SLF001
-    residuals, cotangents = (ct, h_states, None), (do, None, s0, None)
-    r["scan_bwd_with_xla_matmuls"] = timeit(scan_vjp, backend, False, None, residuals, cotangents)
+
+    def scan_vjp(ct, h_states, do, ds):  # the reverse scan and the XLA matmuls of the VJP
+        du, dh_next, ds0, _ = gpu.scan_bwd(ct, do, ds, None, interpret=interpret)
+        return reference.chunk_cotangents(ct, h_states, do, du, dh_next), ds0
+
+    r["scan_bwd_with_xla_matmuls"] = timeit(jax.jit(scan_vjp), ct, h_states, do, s0)
 
     args = (q, k, v, g, beta)
     r["fwd_chunk32"] = timeit(forward_fn(backend, chunk_size=32), *args)

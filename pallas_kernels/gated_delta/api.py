@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from types import ModuleType
 from typing import NamedTuple
 
@@ -11,13 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backend import resolve_backend
-from pallas_kernels.gated_delta import gpu, gpu_prep, reference
+from pallas_kernels.gated_delta import reference
+from pallas_kernels.gated_delta.gpu_pass import KernelStream, block_starts, gpu_pass
 from pallas_kernels.gated_delta.reference import F32, ChunkTensors, ScanFn
 from pallas_kernels.residuals import named_residuals
-
-# The scan kernels' operands of one stream: the GPU's (qg, kd as row-scaled q, k) or the
-# chunk tensors themselves (TPU).
-ScanInputs = gpu.ScanOperands | ChunkTensors
 
 
 class GatedDeltaInputs(NamedTuple):
@@ -30,147 +28,90 @@ class GatedDeltaInputs(NamedTuple):
     beta: jax.Array
 
 
-def _kernels(backend: str) -> tuple[ModuleType, bool]:
-    """The kernel module of a Pallas backend and whether it runs in interpret mode."""
-    if backend.startswith("gpu"):
-        from pallas_kernels.gated_delta import gpu as module
-    else:
-        from pallas_kernels.gated_delta import tpu as module
-    return module, backend.endswith("_interpret")
+def _tpu() -> ModuleType:
+    """The TPU kernels, imported when a TPU backend first runs."""
+    from pallas_kernels.gated_delta import tpu
 
-
-def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=F32)
+    return tpu
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _kernel_scan(
-    backend: str,
+def _tpu_scan(
+    interpret: bool,
     need_states: bool,
     heads: int | None,
-    ct: ScanInputs,
+    ct: ChunkTensors,
     s0: jax.Array,
-    noisy: ScanInputs | None,
+    noisy: ChunkTensors | None,
 ):
-    """Kernel scan ``(o, h, s_final, o_noisy)`` (outputs in the public layout when ``heads``,
-    see ``reference.ScanFn``); ``noisy``: a second stream whose chunk ``i`` reads the state
-    entering chunk ``i`` (``o_noisy`` None without it). ``ct``, ``noisy``: the backend's
-    operands (``gpu.ScanOperands``, ``reference.ChunkTensors`` on the TPU)."""
-    module, interpret = _kernels(backend)
-    return module.scan_fwd(ct, s0, write_states=need_states, noisy=noisy, heads=heads, interpret=interpret)
+    """TPU kernel scan ``(o, h, s_final, o_noisy)`` (outputs in the public layout when
+    ``heads``, see ``reference.ScanFn``); ``noisy``: a second stream whose chunk ``i`` reads the
+    state entering chunk ``i`` (``o_noisy`` None without it)."""
+    return _tpu().scan_fwd(ct, s0, write_states=need_states, noisy=noisy, heads=heads, interpret=interpret)
 
 
-def _kernel_scan_fwd(backend: str, need_states: bool, heads: int | None, ct: ScanInputs, s0, noisy):
-    module, interpret = _kernels(backend)
+def _tpu_scan_fwd(interpret: bool, need_states: bool, heads: int | None, ct: ChunkTensors, s0, noisy):
     kw = dict(noisy=noisy, heads=heads, interpret=interpret)
-    o, h, s_final, o_noisy = module.scan_fwd(ct, s0, write_states=True, **kw)
+    o, h, s_final, o_noisy = _tpu().scan_fwd(ct, s0, write_states=True, **kw)
     return (o, h if need_states else None, s_final, o_noisy), named_residuals((ct, h, noisy))
 
 
-def _chunk_cotangents(
-    ct: ScanInputs, h: jax.Array, do: jax.Array, du: jax.Array, dh_next: jax.Array | None
-) -> ChunkTensors:
-    """fp32 cotangents of the chunk tensors one stream's operands ``ct`` stand for (XLA batched
-    matmuls) from the states entering each chunk ``h``, the output cotangent ``do`` and the
-    reverse scan's ``du``; ``dh_next`` (the cotangent of the state leaving each chunk) is None
-    for a stream that never updates the state (its ``kd`` and ``gam`` get zeros)."""
-    # Matmul operands in the chunk tensors' dtype (bf16 on the fast path), fp32 accumulation.
-    dt = ct.w.dtype
-    h_c, do_c, du_c = h.astype(dt), do.astype(dt), du.astype(dt)
-    u_c = (ct.u0.astype(F32) - _mm("ntlk,ntkv->ntlv", ct.w, h_c)).astype(dt)
-    if dh_next is None:
-        dkd, dgam = jnp.zeros(ct.w.shape, F32), jnp.zeros_like(ct.gam)
-    else:
-        dkd = _mm("ntlv,ntkv->ntlk", u_c, dh_next.astype(dt))
-        dgam = jnp.sum(h * dh_next, axis=(-2, -1))
-    return ChunkTensors(
-        qg=_mm("ntlv,ntkv->ntlk", do_c, h_c),
-        p=_mm("ntlv,ntmv->ntlm", do_c, u_c),
-        w=-_mm("ntlv,ntkv->ntlk", du_c, h_c),
-        u0=du,
-        kd=dkd,
-        gam=dgam,
-    )
-
-
-def _kernel_scan_bwd(backend: str, need_states: bool, heads: int | None, residuals, cotangents):
+def _tpu_scan_bwd(interpret: bool, need_states: bool, heads: int | None, residuals, cotangents):
     """Kernel reverse scan for the state cotangents, then the per-chunk matmuls in XLA."""
     ct, h, noisy = residuals
     do, dh, ds_final, do_noisy = cotangents
     if heads is not None:
         chunk = ct.p.shape[2]
         do, do_noisy = (None if x is None else reference.chunked_output(x, chunk) for x in (do, do_noisy))
-    module, interpret = _kernels(backend)
-    du, dh_next, ds0, du_noisy = module.scan_bwd(
+    du, dh_next, ds0, du_noisy = _tpu().scan_bwd(
         ct, do, ds_final, dh if need_states else None, noisy=noisy, do_noisy=do_noisy, interpret=interpret
     )
     d_noisy = None
     if noisy is not None:
-        d_noisy = noisy.cotangent(_chunk_cotangents(noisy, h, do_noisy, du_noisy, None))
-    return ct.cotangent(_chunk_cotangents(ct, h, do, du, dh_next)), ds0, d_noisy
+        d_noisy = noisy.cotangent(reference.chunk_cotangents(noisy, h, do_noisy, du_noisy, None))
+    return ct.cotangent(reference.chunk_cotangents(ct, h, do, du, dh_next)), ds0, d_noisy
 
 
-_kernel_scan.defvjp(_kernel_scan_fwd, _kernel_scan_bwd)
+_tpu_scan.defvjp(_tpu_scan_fwd, _tpu_scan_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _kernel_prepare(interpret: bool, chunk: int, scale: float, *inputs: jax.Array):
-    return _kernel_prepare_fwd(interpret, chunk, scale, *inputs)[0]
-
-
-def _kernel_prepare_fwd(interpret: bool, chunk: int, scale: float, *inputs: jax.Array):
-    p, w, u0, t_inv = gpu_prep.prepare_fwd(*inputs, chunk=chunk, scale=scale, interpret=interpret)
-    return (p, w, u0), named_residuals((inputs, (t_inv, w, u0)))
-
-
-def _kernel_prepare_bwd(interpret: bool, chunk: int, scale: float, residuals, cotangents):
-    """Kernel VJP (``T``, ``w``, ``u0`` saved by the forward); key-head gradients sum their
-    value heads; the run ids get no cotangent."""
-    inputs, saved = residuals
-    dq, dk, *rest = gpu_prep.prepare_bwd(
-        inputs, saved, cotangents, chunk=chunk, scale=scale, interpret=interpret
-    )
-    b, t, hk, width = inputs[0].shape
-    dq, dk = (x.reshape(b, t, hk, -1, width).sum(3) for x in (dq, dk))
-    return (*(d.astype(x.dtype) for d, x in zip((dq, dk, *rest), inputs, strict=False)), None)
-
-
-_kernel_prepare.defvjp(_kernel_prepare_fwd, _kernel_prepare_bwd)
-
-
-def _fused_prepare(interpret: bool) -> reference.PrepareFn:
-    """``reference.prepare_chunks`` contract, returning ``gpu.ScanOperands``: the per-chunk work
-    runs in the GPU kernels, which read the public layout directly; only the segmented decay
-    cumsum, the run ids and the row scales stay in XLA (``[B, H, T]``-sized)."""
-
-    def prepare(q, k, v, g, beta, reset, chunk, scale, out_dtype) -> gpu.ScanOperands:
-        b, t, hv = g.shape
-        n, nt = b * hv, t // chunk
-        rel = reference.chunk_ids(reset, chunk)
-        gcum = reference.chunk_log_decays(jnp.moveaxis(g, 2, 1), reset, chunk)
-        gam = reference.carry_decay(gcum, rel[:, None]).reshape(n, nt)
-        q_scale, k_scale = (x.reshape(n, t) for x in reference.row_scales(gcum, rel[:, None], scale))
-        q, k, v = (x.astype(out_dtype) for x in (q, k, v))
-        p, w, u0 = _kernel_prepare(
-            interpret, chunk, scale, q, k, v, beta.astype(F32), gcum.reshape(n, t), rel.reshape(b, t)
-        )
-        p, w, u0 = (x.reshape(n, nt, chunk, -1) for x in (p, w, u0))
-        return gpu.ScanOperands(q, q_scale, p, w, u0, k, k_scale, gam)
-
-    return prepare
+def _gpu_prepare(q, k, v, g, beta, reset, chunk, scale, out_dtype) -> KernelStream:
+    """``reference.PrepareFn`` of the GPU backends: only the segmented decay cumsum, the run ids
+    and the carry decays, in XLA (``[B, H, T]``-sized); the per-chunk work runs in
+    ``gpu_pass`` (the preparation kernels read the public layout directly)."""
+    b, t, hv = g.shape
+    rel = reference.chunk_ids(reset, chunk)
+    gcum = reference.chunk_log_decays(jnp.moveaxis(g, 2, 1), reset, chunk)
+    gam = reference.carry_decay(gcum, rel[:, None]).reshape(b * hv, t // chunk)
+    q, k, v = (x.astype(out_dtype) for x in (q, k, v))
+    return KernelStream(q, k, v, beta.astype(F32), gcum.reshape(b * hv, t), rel.reshape(b, t), gam, scale)
 
 
 def _prepare_fn(backend: str) -> reference.PrepareFn:
-    """Fused Pallas preparation on the GPU backends; the jnp one (XLA) elsewhere."""
-    if backend.startswith("gpu"):
-        return _fused_prepare(backend.endswith("_interpret"))
-    return reference.prepare_remat
+    """The GPU kernels' inputs on the GPU backends; the jnp chunk tensors (XLA) elsewhere."""
+    return _gpu_prepare if backend.startswith("gpu") else reference.prepare_remat
+
+
+# (operands, s0, need_states, heads, noisy operands or None) -> (o, h, s_final, o_noisy)
+PassFn = Callable[..., tuple[jax.Array, jax.Array | None, jax.Array, jax.Array | None]]
+
+
+def _pass_fn(backend: str) -> PassFn:
+    """One chunked pass on a kernel backend: the GPU's preparation + scan, or the TPU scan."""
+    interpret = backend.endswith("_interpret")
+    kernel = gpu_pass if backend.startswith("gpu") else _tpu_scan
+
+    def run(ct, s0, need_states, heads, noisy=None):
+        return kernel(interpret, need_states, heads, ct, s0, noisy)
+
+    return run
 
 
 def _scan_fn(backend: str) -> ScanFn:
     if backend == "reference":
         return reference.scan_chunks
-    return lambda ct, s0, need_states, heads=None: _kernel_scan(backend, need_states, heads, ct, s0, None)[:3]
+    run = _pass_fn(backend)
+    return lambda ct, s0, need_states, heads=None: run(ct, s0, need_states, heads)[:3]
 
 
 def _prep_dtype(backend: str, v: jax.Array) -> jnp.dtype:
@@ -241,17 +182,27 @@ def _handoff_scans(
     ct, ct_noisy = (prepare(*x, reset, chunk, scale, dtype) for x in (clean, noisy))
     s0 = reference.flat_initial_state(initial_state, b, hv, dk, dv)
     if chunk == block_size and backend != "reference":
-        o_clean, _, s_final, o_noisy = _kernel_scan(backend, False, hv, ct, s0, ct_noisy)
+        o_clean, _, s_final, o_noisy = _pass_fn(backend)(ct, s0, False, hv, ct_noisy)
     else:
-        # Row (b, head) of the noisy tensors splits into its blocks, rows (b, head, block),
-        # without a copy; their initial states are every block's first chunk state (a strided
-        # slice of the clean scan's states, in the same row order).
         scan, per_block = _scan_fn(backend), block_size // chunk
         o_clean, h, s_final = scan(ct, s0, True, hv)
-        blocks = ct_noisy.blocks(per_block)
-        o_noisy, _, _ = scan(blocks, h[:, ::per_block].reshape(-1, dk, dv), False, None)
-        o_noisy = reference.public_output(o_noisy.reshape(ct_noisy.u0.shape), hv)
+        o_noisy = _noisy_blocks(scan, ct_noisy, h, per_block, b, hv)
     return o_clean.astype(clean.v.dtype), o_noisy.astype(noisy.v.dtype), s_final.reshape(b, hv, dk, dv)
+
+
+def _noisy_blocks(scan: ScanFn, ct_noisy, h: jax.Array, per_block: int, b: int, hv: int) -> jax.Array:
+    """The noisy stream's blocks of ``per_block`` chunks as one batched scan, each block from
+    the clean state entering it (``h``: the clean scan's states); output ``[B, T, Hv, Dv]``."""
+    if isinstance(ct_noisy, KernelStream):
+        # The public arrays split into rows (b, block) without a copy; the GPU kernels read them
+        # in place, so the start states are reordered to the programs' rows (b, block, head).
+        o, _, _ = scan(ct_noisy.blocks(per_block), block_starts(h, b, per_block), False, hv)
+        return o.reshape(b, -1, *o.shape[2:])
+    # Chunk tensors: row (b, head) splits into its blocks, rows (b, head, block), without a
+    # copy; the start states are a strided slice of the clean states in the same row order.
+    dk, dv = h.shape[2:]
+    o, _, _ = scan(ct_noisy.blocks(per_block), h[:, ::per_block].reshape(-1, dk, dv), False, None)
+    return reference.public_output(o.reshape(ct_noisy.u0.shape), hv)
 
 
 def gated_delta_rule_handoff(

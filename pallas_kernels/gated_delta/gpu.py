@@ -14,12 +14,11 @@ import functools
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gated_delta._steps import F32, bwd_step, check_noisy, fwd_step, out_bwd, out_step
-from pallas_kernels.gated_delta.reference import ChunkTensors, expand_heads, split_rows
+from pallas_kernels.gated_delta.reference import flat_chunks
 
 _NUM_SMS_HINT = 132  # enough programs to fill an H100; smaller value blocks otherwise
 
@@ -89,8 +88,8 @@ BWD_TILING = Tiling(num_warps=8, num_stages=2)
 class ScanOperands(NamedTuple):
     """The GPU scan's operands: ``reference.ChunkTensors`` with ``qg = diag(q_scale) q`` and
     ``kd = diag(k_scale) k`` left unformed (never written; the scan scales the ``[L, BV]`` side
-    of their products). ``q``, ``k`` are in the public ``[B, T, Hk, Dk]`` layout (row
-    ``n = b * Hv + head`` reads key head ``head // (Hv / Hk)``) or flat ``[N, T, Dk]``."""
+    of their products). ``q``, ``k`` are in the public ``[B, T, Hk, Dk]`` layout: row
+    ``n = b * Hv + head`` reads key head ``head // (Hv / Hk)``."""
 
     q: jax.Array
     q_scale: jax.Array  # [N, T] fp32, scale c exp(G)
@@ -101,56 +100,9 @@ class ScanOperands(NamedTuple):
     k_scale: jax.Array  # [N, T] fp32, D[L - 1, :]
     gam: jax.Array  # [N, NT] fp32
 
-    def flat(self) -> ScanOperands:
-        """The same operands with q, k in the flat ``[N, T, Dk]`` layout (a copy)."""
-        n = self.q_scale.shape[0]
-        return self._replace(q=_flat_rows(self.q, n), k=_flat_rows(self.k, n))
-
-    def blocks(self, per_block: int) -> ScanOperands:
-        """Rows ``(n, block)`` of ``per_block`` chunks each (q, k made flat first)."""
-        return split_rows(self.flat(), self.gam.shape[1] // per_block)
-
-    def cotangent(self, d: ChunkTensors) -> ScanOperands:
-        """Cotangents of these operands from those of the chunk tensors they stand for (fp32
-        ``[N, NT, L, ...]``): ``dq = diag(q_scale) dqg``, ``d q_scale = rowsum(q * dqg)``, the
-        same for k, and key heads sum their value heads in the public layout."""
-        n, t = self.q_scale.shape
-        flat = self.flat()
-        dq, dk = (x.reshape(n, t, -1) for x in (d.qg, d.kd))
-        return ScanOperands(
-            _as_layout(self.q_scale[..., None] * dq, self.q),
-            jnp.sum(flat.q.astype(F32) * dq, axis=-1),
-            d.p.astype(self.p.dtype),
-            d.w.astype(self.w.dtype),
-            d.u0.astype(self.u0.dtype),
-            _as_layout(self.k_scale[..., None] * dk, self.k),
-            jnp.sum(flat.k.astype(F32) * dk, axis=-1),
-            d.gam,
-        )
-
-
-def _flat_rows(x: jax.Array, n: int) -> jax.Array:
-    """Public ``[B, T, Hk, D]`` -> flat ``[N, T, D]`` (N = B * Hv value-head rows); flat as is."""
-    if x.ndim == 3:
-        return x
-    b, t, _, d = x.shape
-    return jnp.moveaxis(expand_heads(x, n // b), 2, 1).reshape(n, t, d)
-
-
-def _as_layout(d: jax.Array, like: jax.Array) -> jax.Array:
-    """Flat fp32 ``[N, T, D]`` row cotangents in the layout and dtype of ``like`` (public: the
-    value-head rows of a key head summed)."""
-    if like.ndim == 3:
-        return d.astype(like.dtype)
-    b, t, hk, dim = like.shape
-    per_key = d.reshape(b, hk, -1, t, dim).sum(axis=2)
-    return jnp.moveaxis(per_key, 1, 2).astype(like.dtype)
-
 
 def _rows_spec(x: jax.Array, n: int) -> pl.BlockSpec:
-    """q / k: program ``i`` sees all rows of its head (public or flat layout)."""
-    if x.ndim == 3:
-        return _full_spec(x.shape[1], x.shape[2])
+    """q / k ``[B, T, Hk, D]``: program ``i`` sees all rows of its key head."""
     b, t, hk, d = x.shape
     hv = n // b
     rep = hv // hk
@@ -181,9 +133,9 @@ def _operands(ops: ScanOperands, names: tuple[str, ...], bv: int) -> tuple[list,
     table = {
         "q": (ops.q, _rows_spec(ops.q, n)),
         "q_scale": (ops.q_scale, _scale_spec(t)),
-        "p": (_flat(ops.p), _full_spec(t, t // nt)),
-        "w": (_flat(ops.w), _full_spec(t, dk)),
-        "u0": (_flat(ops.u0), _full_spec(t, bv, True)),
+        "p": (flat_chunks(ops.p), _full_spec(t, t // nt)),
+        "w": (flat_chunks(ops.w), _full_spec(t, dk)),
+        "u0": (flat_chunks(ops.u0), _full_spec(t, bv, True)),
         "k": (ops.k, _rows_spec(ops.k, n)),
         "k_scale": (ops.k_scale, _scale_spec(t)),
         "gam": (ops.gam, pl.BlockSpec((None, nt), lambda i, j: (i, 0))),
@@ -241,11 +193,6 @@ def _bwd_kernel(*refs, chunk: int, num_chunks: int, has_dh: bool, noisy: bool):
         return d
 
     ds0[...] = jax.lax.fori_loop(0, num_chunks, body, ds_final[...].astype(F32))
-
-
-def _flat(x: jax.Array) -> jax.Array:
-    """``[N, NT, R, C]`` -> ``[N, NT * R, C]``."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def _shape(ops: ScanOperands) -> tuple[int, int, int, int, int]:
@@ -336,7 +283,7 @@ def scan_bwd(
     t = nt * chunk
     bv = tiling.width(n, dv)
     args, in_specs = _operands(ops, _BWD, bv)
-    args += [_flat(do), ds_final]
+    args += [flat_chunks(do), ds_final]
     in_specs += [_full_spec(t, bv, True), _full_spec(dk, bv, True)]
     out_shape = [
         jax.ShapeDtypeStruct((n, t, dv), F32),
@@ -346,12 +293,12 @@ def scan_bwd(
     out_specs = [_full_spec(t, bv, True), _full_spec(nt * dk, bv, True), _full_spec(dk, bv, True)]
     if dh is not None:
         in_specs.append(_full_spec(nt * dk, bv, True))
-        args.append(_flat(dh.astype(F32)))
+        args.append(flat_chunks(dh.astype(F32)))
     widths = [dk, chunk, dk, dk, bv]
     if noisy is not None:
         check_noisy(ops, noisy)
         side, side_specs = _operands(noisy, _BWD_READER, bv)
-        args += [*side, _flat(do_noisy)]
+        args += [*side, flat_chunks(do_noisy)]
         in_specs += [*side_specs, _full_spec(t, bv, True)]
         out_shape.append(out_shape[0])
         out_specs.append(out_specs[0])

@@ -13,11 +13,12 @@ program per chunk) and every matmul but the inverse's a whole-chunk tile:
 3. ``wy``: ``w = T (beta c e^G k)``, ``u0 = T (beta v)``, one ``[L, L] x [L, D]`` dot each.
 
 Backward (one kernel; ``T``, ``w``, ``u0`` are residuals of the forward; cotangents
-``dp, dw, du0``), with ``Y_u = beta v``, ``Y_w = beta c e^G k``::
+``dqg, dp, dw, du0, dkd``: those of every chunk tensor, ``qg`` and ``kd`` included although the
+forward never forms them), with ``Y_u = beta v``, ``Y_w = beta c e^G k``::
 
     dY = T^T d(u0 | w);   dA = -tril(dY_u u0^T + dY_w w^T, -1)   (as dA = -T^T dT T^T)
 
-then the chain rule through ``A``, ``p`` and ``Y`` to q, k, v, beta and ``G``, all as
+then the chain rule through ``A``, ``p``, ``qg``, ``kd`` to q, k, v, beta and ``G``, all as
 whole-chunk dots. Matmul operands are in the inputs' dtype (bf16 on the fast path) with fp32
 accumulation; the inverse, decays and gates are fp32.
 """
@@ -98,16 +99,22 @@ class _Gates(NamedTuple):
     beta: jax.Array  # [L]
     e: jax.Array  # [L] c exp(G)
     decay: jax.Array  # [L, L] D (same run, j <= i)
+    dl: jax.Array  # [L] D[L - 1, :], decay from each token to the chunk's end
+    last: jax.Array  # [L] bool, the chunk's last token
 
     @classmethod
     def load(cls, beta_ref, g_ref, rel_ref) -> _Gates:
         g, r = g_ref[...].astype(F32), rel_ref[...]
         chunk = g.shape[0]
         same = (r[:, None] == r[None, :]) & (_iota(chunk, 0) >= _iota(chunk, 1))
+        last = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+        g_last, r_last = jnp.sum(jnp.where(last, g, 0.0)), jnp.sum(jnp.where(last, r, 0))
         return cls(
             beta=beta_ref[...].astype(F32),
             e=jnp.where(r == 0, jnp.exp(g), 0.0),
             decay=_decay(same, g[:, None] - g[None, :]),
+            dl=_decay(r == r_last, g_last - g),
+            last=last,
         )
 
 
@@ -148,12 +155,13 @@ def _wy_kernel(t, k, v, beta, g, rel, w, u0):
     u0[...] = _dot(t_all, gt.beta[:, None] * v[...].astype(F32)).astype(u0.dtype)
 
 
-def _bwd_kernel(q, k, v, beta, g, rel, t, w, u0, dp, dw, du0, *outs, scale: float):
+def _bwd_kernel(q, k, v, beta, g, rel, t, w, u0, dqg, dp, dw, du0, dkd, *outs, scale: float):
     dq, dk, dv, dbeta, dg = outs
     gt = _Gates.load(beta, g, rel)
     dt = k.dtype
     q_all, k_all, t_all = q[...], k[...], t[...]
-    k32, v32 = k_all.astype(F32), v[...].astype(F32)
+    q32, k32, v32 = q_all.astype(F32), k_all.astype(F32), v[...].astype(F32)
+    dqg_, dkd_ = dqg[...].astype(F32), dkd[...].astype(F32)
     dyu = _dot(t_all, du0[...], ta=True, dtype=dt)
     dyw = _dot(t_all, dw[...], ta=True, dtype=dt)
     da = _dot(dyu, u0[...], tb=True, dtype=dt) + _dot(dyw, w[...], tb=True, dtype=dt)
@@ -163,10 +171,14 @@ def _bwd_kernel(q, k, v, beta, g, rel, t, w, u0, dp, dw, du0, *outs, scale: floa
     kk, qk = _dot(k_all, k_all, tb=True), _dot(q_all, k_all, tb=True)
     dd = dkk * kk + ds * qk  # cotangent of D, times D
     kyw = jnp.sum(k32 * dyw, axis=1)
-    dg[...] = jnp.sum(dd, axis=1) - jnp.sum(dd, axis=0) + gt.beta * kyw * gt.e
+    ddl = jnp.sum(k32 * dkd_, axis=1) * gt.dl
+    de = gt.beta * kyw + scale * jnp.sum(q32 * dqg_, axis=1)
+    # G_L enters every entry of D's last row: its cotangent lands on the chunk's last token.
+    dg_ = jnp.sum(dd, axis=1) - jnp.sum(dd, axis=0) + de * gt.e - ddl
+    dg[...] = dg_ + jnp.where(gt.last, jnp.sum(ddl), 0.0)
     dbeta[...] = jnp.sum(da * kk, axis=1) + jnp.sum(v32 * dyu, axis=1) + gt.e * kyw
-    dq[...] = _dot(ds, k_all, dtype=dt).astype(dq.dtype)
-    dk_ = (gt.beta * gt.e)[:, None] * dyw
+    dq[...] = (scale * gt.e[:, None] * dqg_ + _dot(ds, k_all, dtype=dt)).astype(dq.dtype)
+    dk_ = gt.dl[:, None] * dkd_ + (gt.beta * gt.e)[:, None] * dyw
     dk_ += _dot(dkk, k_all, dtype=dt) + _dot(dkk, k_all, ta=True, dtype=dt)
     dk[...] = (dk_ + _dot(ds, q_all, ta=True, dtype=dt)).astype(dk.dtype)
     dv[...] = (gt.beta[:, None] * dyu).astype(dv.dtype)
@@ -355,7 +367,7 @@ def prepare_bwd(
     num_warps: int = DEFAULT_WARPS.bwd,
 ) -> tuple[jax.Array, ...]:
     """Cotangents of ``prepare_fwd`` at ``inputs`` ``(q, k, v, beta, gcum, rel)`` with its
-    ``residuals`` ``(T, w, u0)`` for output cotangents ``(dp, dw, du0)``: ``(dq, dk)``
+    ``residuals`` ``(T, w, u0)`` for output cotangents ``(dqg, dp, dw, du0, dkd)``: ``(dq, dk)``
     per value head ``[B, T, Hv, Dk]`` (sum over the value heads of a key head for GQA), ``dv``,
     ``dbeta``, ``dgcum`` (all fp32)."""
     q, k, v, *gates = inputs
@@ -363,7 +375,7 @@ def prepare_bwd(
     hv, dv = v.shape[2:]
     lay = _Layout(hk, hv, chunk)
     out_lay = _Layout(hv, hv, chunk)  # per value head
-    flat = [lay.flat(wd) for wd in (chunk, dk, dv, chunk, dk, dv)]
+    flat = [lay.flat(wd) for wd in (chunk, dk, dv, dk, chunk, dk, dv, dk)]
     return tuple(
         _call(
             functools.partial(_bwd_kernel, scale=scale),

@@ -57,12 +57,11 @@ def split_rows(tensors: T, parts: int) -> T:
     return type(tensors)(*(x.reshape(-1, x.shape[1] // parts, *x.shape[2:]) for x in tensors))
 
 
-# scan(tensors, s0 [N, Dk, Dv], need_states, heads) -> (o, h [N, NT, Dk, Dv] fp32 states entering
-# each chunk (may be None unless need_states), s_final [N, Dk, Dv] fp32); o is [N, NT, L, Dv]
-# when heads is None, else the public [N / heads, NT * L, heads, Dv] (see ``public_output``).
-ScanFn = Callable[
-    [ChunkTensors, jax.Array, bool, int | None], tuple[jax.Array, jax.Array | None, jax.Array]
-]
+# scan(operands, s0 [N, Dk, Dv], need_states, heads) -> (o, h [N, NT, Dk, Dv] fp32 states
+# entering each chunk (may be None unless need_states), s_final [N, Dk, Dv] fp32); o is
+# [N, NT, L, Dv] when heads is None, else the public [N / heads, NT * L, heads, Dv] (see
+# ``public_output``). The operands are what the matching PrepareFn returns.
+ScanFn = Callable[[object, jax.Array, bool, int | None], tuple[jax.Array, jax.Array | None, jax.Array]]
 
 
 def reset_flags(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
@@ -94,6 +93,16 @@ def public_output(o: jax.Array, heads: int) -> jax.Array:
     """A scan output ``[B * heads, NT, L, Dv]`` -> the public ``[B, NT * L, heads, Dv]``."""
     n, nt, chunk, dv = o.shape
     return jnp.moveaxis(o.reshape(n // heads, heads, nt * chunk, dv), 1, 2)
+
+
+def flat_chunks(x: jax.Array) -> jax.Array:
+    """``[N, NT, L, D]`` -> ``[N, NT * L, D]`` (the kernels' row layout)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def chunk_rows(x: jax.Array, chunk: int) -> jax.Array:
+    """Inverse of ``flat_chunks``: ``[N, T, D]`` -> ``[N, T / chunk, chunk, D]``."""
+    return x.reshape(x.shape[0], -1, chunk, x.shape[-1])
 
 
 def chunked_output(o: jax.Array, chunk: int) -> jax.Array:
@@ -289,8 +298,9 @@ def prepare_chunks(
 
 
 # prepare(q, k, v, g, beta, reset, chunk, scale, out_dtype) -> the scan's operands (see
-# prepare_chunks): ChunkTensors, or the GPU's gpu.ScanOperands that stand for them
-PrepareFn = Callable[..., ChunkTensors]
+# prepare_chunks): ChunkTensors, or on the GPU the kernels' inputs (gpu_pass.KernelStream), from
+# which the GPU pass prepares its chunk operands itself
+PrepareFn = Callable[..., tuple]
 
 prepare_remat: PrepareFn = jax.checkpoint(prepare_chunks, static_argnums=(6, 7, 8))
 
@@ -314,6 +324,33 @@ def scan_chunks(
     s_final, (o, h) = jax.lax.scan(step, s0.astype(F32), xs)
     o = jnp.moveaxis(o, 0, 1)
     return (o if heads is None else public_output(o, heads)), jnp.moveaxis(h, 0, 1), s_final
+
+
+def chunk_cotangents(
+    ct: tuple, h: jax.Array, do: jax.Array, du: jax.Array, dh_next: jax.Array | None
+) -> ChunkTensors:
+    """fp32 cotangents of the chunk tensors one stream's scan operands ``ct`` stand for (XLA
+    batched matmuls; ``ct``: ChunkTensors or the GPU's ScanOperands, of which ``w``, ``u0``,
+    ``gam`` are read) from the states entering each chunk ``h``, the output cotangent ``do`` and the
+    reverse scan's ``du``; ``dh_next`` (the cotangent of the state leaving each chunk) is None
+    for a stream that never updates the state (its ``kd`` and ``gam`` get zeros)."""
+    # Matmul operands in the chunk tensors' dtype (bf16 on the fast path), fp32 accumulation.
+    dt = ct.w.dtype
+    h_c, do_c, du_c = h.astype(dt), do.astype(dt), du.astype(dt)
+    u_c = (ct.u0.astype(F32) - _mm("ntlk,ntkv->ntlv", ct.w, h_c)).astype(dt)
+    if dh_next is None:
+        dkd, dgam = jnp.zeros(ct.w.shape, F32), jnp.zeros_like(ct.gam)
+    else:
+        dkd = _mm("ntlv,ntkv->ntlk", u_c, dh_next.astype(dt))
+        dgam = jnp.sum(h * dh_next, axis=(-2, -1))
+    return ChunkTensors(
+        qg=_mm("ntlv,ntkv->ntlk", do_c, h_c),
+        p=_mm("ntlv,ntmv->ntlm", do_c, u_c),
+        w=-_mm("ntlv,ntkv->ntlk", du_c, h_c),
+        u0=du,
+        kd=dkd,
+        gam=dgam,
+    )
 
 
 def chunked_pipeline(

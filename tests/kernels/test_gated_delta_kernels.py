@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_gated_delta_reference import assert_gradient_cases_match, make_inputs, packed_segments
 
-from pallas_kernels.gated_delta import api, gpu, reference
+from pallas_kernels.gated_delta import api, gpu, gpu_pass, reference
 
 # fp32 in and out; kernel and reference reassociate the same short sums, so 1e-5 relative.
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -39,21 +39,14 @@ def random_operands(b=2, hk=1, hv=2, nt=3, chunk=16, dk=16, dv=32, seed=0):
 
 def materialized(ops: gpu.ScanOperands) -> reference.ChunkTensors:
     """The chunk tensors the operands stand for (``qg = diag(q_scale) q``, ``kd`` likewise)."""
-    flat, shape = ops.flat(), ops.w.shape
+    n, nt, chunk, dk = ops.w.shape
 
-    def scaled(x, scale):
-        return (scale[..., None] * x).reshape(shape)
+    def scaled(x, scale):  # public [B, T, Hk, Dk] -> value-head rows [N, NT, L, Dk]
+        rows = jnp.moveaxis(reference.expand_heads(x, n // x.shape[0]), 2, 1).reshape(n, -1, dk)
+        return (scale[..., None] * rows).reshape(n, nt, chunk, dk)
 
-    return reference.ChunkTensors(scaled(flat.q, ops.q_scale), ops.p, ops.w, ops.u0,
-                                  scaled(flat.k, ops.k_scale), ops.gam)
-
-
-def reference_scan(ct, s0, need_states, heads=None):
-    """``reference.scan_chunks`` of the chunk tensors GPU operands stand for (differentiable in
-    the operands)."""
-    if isinstance(ct, gpu.ScanOperands):
-        ct = materialized(ct)
-    return reference.scan_chunks(ct, s0, need_states, heads)
+    return reference.ChunkTensors(scaled(ops.q, ops.q_scale), ops.p, ops.w, ops.u0,
+                                  scaled(ops.k, ops.k_scale), ops.gam)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -69,30 +62,53 @@ def vjp_of(scan, need_states, ct, s0, cot):
     return out, pullback(cot if need_states else (cot[0], cot[2]))
 
 
-@pytest.mark.parametrize("backend, operands", [("gpu_interpret", random_operands),
-                                               ("tpu_interpret", random_chunks)])
-def test_scan_kernels_forward_and_vjp(backend, operands):
-    """Outputs, states and every operand's cotangent (for the GPU: q and k in the public layout
-    with GQA, and the row scales) against autodiff of the reference scan."""
-    ct, s0 = operands()
-    kernel_scan = api._scan_fn(backend)
+def scan_cotangents(shape_of, seed=1):
+    """Random ``(do, dh, ds)`` for a scan over operands shaped like ``shape_of``."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    n, nt, chunk, dk = shape_of.w.shape
+    dv = shape_of.u0.shape[-1]
+    return (jax.random.normal(keys[0], (n, nt, chunk, dv)), jax.random.normal(keys[1], (n, nt, dk, dv)),
+            jax.random.normal(keys[2], (n, dk, dv)))
+
+
+def test_tpu_scan_kernels_forward_and_vjp():
+    """The TPU scan and its custom VJP against autodiff of the reference scan."""
+    ct, s0 = random_chunks()
+    kernel_scan = api._scan_fn("tpu_interpret")
     assert "pallas_call" in str(jax.make_jaxpr(kernel_scan, static_argnums=2)(ct, s0, False))
-    keys = jax.random.split(jax.random.PRNGKey(1), 3)
-    n, nt, chunk, dk = ct.w.shape
-    dv = ct.u0.shape[-1]
-    do = jax.random.normal(keys[0], (n, nt, chunk, dv))
-    dh = jax.random.normal(keys[1], (n, nt, dk, dv))
-    ds = jax.random.normal(keys[2], (n, dk, dv))
+    do, dh, ds = scan_cotangents(ct)
     for need_states in (False, True):
         out, grads = vjp_of(kernel_scan, need_states, ct, s0, (do, dh, ds))
         # The reference always returns the states; a zero state cotangent stands for "unused".
         dh_r = dh if need_states else jnp.zeros_like(dh)
-        out_r, grads_r = vjp_of(reference_scan, True, ct, s0, (do, dh_r, ds))
+        out_r, grads_r = vjp_of(reference.scan_chunks, True, ct, s0, (do, dh_r, ds))
         out_r = out_r if need_states else (out_r[0], out_r[2])
         for a, r in zip(out, out_r, strict=True):
             np.testing.assert_allclose(a, r, **TOL)
         for a, r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
             np.testing.assert_allclose(a, r, **GRAD_TOL)
+
+
+def test_gpu_scan_kernels_forward_and_reverse():
+    """GPU scan kernels on operands with q, k in the public layout (GQA) and row scales: the
+    outputs and states, and the reverse scan with the XLA matmuls of the VJP
+    (``reference.chunk_cotangents``), against the reference scan of the chunk tensors they
+    stand for and its autodiff (cotangents of qg, p, w, u0, kd, gam and of the initial state)."""
+    ops, s0 = random_operands()
+    do, dh, ds = scan_cotangents(ops)
+
+    @jax.jit
+    def kernels(ops, s0):
+        o, h, s_final, _ = gpu.scan_fwd(ops, s0, write_states=True, interpret=True)
+        du, dh_next, ds0, _ = gpu.scan_bwd(ops, do, ds, dh, interpret=True)
+        return (o, h, s_final), (reference.chunk_cotangents(ops, h, do, du, dh_next), ds0)
+
+    out, grads = kernels(ops, s0)
+    out_r, grads_r = vjp_of(reference.scan_chunks, True, materialized(ops), s0, (do, dh, ds))
+    for a, r in zip(out, out_r, strict=True):
+        np.testing.assert_allclose(a, r, **TOL)
+    for a, r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
+        np.testing.assert_allclose(a, r, **GRAD_TOL)
 
 
 def test_end_to_end_gradients_match_reference():
@@ -101,33 +117,50 @@ def test_end_to_end_gradients_match_reference():
     assert_gradient_cases_match("gpu_interpret", "reference")
 
 
-def test_fused_preparation_and_vjp_match_reference():
-    """GPU preparation kernels (interpret mode) vs ``reference.prepare_chunks`` and its autodiff
-    VJP, same contract (public layout, GQA with 2 value heads per key head): chunk 48 = three
-    16-row blocks (diagonal inverses, one- and two-term block substitutions), several documents
-    per chunk, a row whose first token resets. The GPU operands are compared as the chunk
-    tensors they stand for (``qg``, ``kd`` formed from q, k and the row scales)."""
+def test_gpu_preparation_and_its_backward_match_reference():
+    """GPU preparation kernels (interpret mode) vs ``reference.chunk_tensors`` and its autodiff
+    VJP (public layout, GQA with 2 value heads per key head): chunk 48 = three 16-row blocks
+    (diagonal inverses, one- and two-term block substitutions), several documents per chunk, a
+    row whose first token resets. The kernels' operands are compared as the chunk tensors they
+    stand for; the backward kernel takes the cotangents of all of them (``qg`` and ``kd``
+    included) and returns those of q, k, v, beta and the decay cumsum."""
     b, t, hk, hv, dk, dv, chunk, scale = 2, 96, 1, 2, 16, 32, 48, 0.7
     (q, k, v, g, beta), _ = make_inputs(3, b=b, t=t, hk=hk, hv=hv, dk=dk, dv=dv)
     reset = (jax.random.uniform(jax.random.PRNGKey(5), (b, t)) < 0.06).at[1, 0].set(True)
+    stream = api._gpu_prepare(q, k, v, g, beta, reset, chunk, scale, jnp.float32)
+    nt, n = t // chunk, b * hv
 
-    def run(prepare):
-        def f(*x):
-            out = prepare(*x, reset, chunk, scale, jnp.float32)
-            return materialized(out) if isinstance(out, gpu.ScanOperands) else out
+    def chunk_tensors(q, k, v, beta, gcum):
+        def split(x):  # [B, T, H, ...] -> [B, Hv, NT, L, ...]
+            x = jnp.moveaxis(reference.expand_heads(x, hv), 2, 1)
+            return x.reshape(b, hv, nt, chunk, *x.shape[3:])
 
-        outs, pullback = jax.vjp(f, q, k, v, g, beta)
-        cots = [jax.random.normal(jax.random.PRNGKey(i), o.shape) for i, o in enumerate(outs)]
-        return outs, pullback(reference.ChunkTensors(*cots))
+        rel = stream.rel.reshape(b, 1, nt, chunk)
+        outs = reference.chunk_tensors(split(q), split(k), split(v), split(beta),
+                                       gcum.reshape(b, hv, nt, chunk), rel, scale)
+        return [x.reshape(n, nt, chunk, -1) for x in outs]
 
-    (outs, grads), (outs_r, grads_r) = (
-        jax.jit(run, static_argnums=0)(p) for p in (api._fused_prepare(True), reference.prepare_chunks)
-    )
-    for name, a, r in zip(reference.ChunkTensors._fields, outs, outs_r, strict=True):
+    inputs = (stream.q, stream.k, stream.v, stream.beta, stream.gcum)
+    outs_r, pullback = jax.vjp(chunk_tensors, *inputs)
+    cots = reference.ChunkTensors(
+        *(jax.random.normal(jax.random.PRNGKey(i), o.shape) for i, o in enumerate(outs_r)),
+        jax.random.normal(jax.random.PRNGKey(7), stream.gam.shape))
+    grads_r = pullback(list(cots[:5]))
+
+    @jax.jit
+    def kernels(stream, cots):
+        ops, t_inv = gpu_pass._prepare(stream, True)
+        kept = gpu_pass._kernel_outputs(ops, t_inv)
+        return materialized(ops), gpu_pass._stream_cotangent(stream, kept, cots, True)
+
+    outs, grads = kernels(stream, cots)
+    for name, a, r in zip(reference.ChunkTensors._fields, outs, outs_r, strict=False):
         np.testing.assert_allclose(a, r, **TOL, err_msg=name)
     # The kernel VJP is derived by hand (dA = -T^T dT T^T etc.): GRAD_TOL on O(1)..O(20) values.
-    for name, a, r in zip(("q", "k", "v", "g", "beta"), grads, grads_r, strict=True):
+    for name, a, r in zip(("q", "k", "v", "beta", "gcum"), [grads.q, grads.k, grads.v, grads.beta,
+                                                            grads.gcum], grads_r, strict=True):
         np.testing.assert_allclose(a, r, **GRAD_TOL, err_msg=name)
+    np.testing.assert_array_equal(grads.gam, cots.gam)  # the carry decays pass straight through
 
 
 def test_gpu_kernels_lower_to_triton():
