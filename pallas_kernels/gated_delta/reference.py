@@ -23,14 +23,13 @@ elsewhere) runs the sequential part; ``chunked_pipeline`` glues them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 _HI = jax.lax.Precision.HIGHEST
 F32 = jnp.float32
-T = TypeVar("T", bound=tuple)
 
 
 class ChunkTensors(NamedTuple):
@@ -45,16 +44,11 @@ class ChunkTensors(NamedTuple):
 
     def blocks(self, per_block: int) -> ChunkTensors:
         """Rows ``(n, block)`` of ``per_block`` chunks each (a free reshape)."""
-        return split_rows(self, self.gam.shape[1] // per_block)
+        return ChunkTensors(*(x.reshape(-1, per_block, *x.shape[2:]) for x in self))
 
     def cotangent(self, d: ChunkTensors) -> ChunkTensors:
         """``d`` (fp32 cotangents of these tensors) in their dtypes."""
         return ChunkTensors(*(g.astype(x.dtype) for g, x in zip(d, self, strict=True)))
-
-
-def split_rows(tensors: T, parts: int) -> T:
-    """Every field ``[N, R, ...]`` of a NamedTuple -> ``[N * parts, R / parts, ...]``."""
-    return type(tensors)(*(x.reshape(-1, x.shape[1] // parts, *x.shape[2:]) for x in tensors))
 
 
 # scan(operands, s0 [N, Dk, Dv], need_states, heads) -> (o, h [N, NT, Dk, Dv] fp32 states
