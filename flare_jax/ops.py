@@ -38,21 +38,28 @@ def _split_axes(axes: tuple[str, ...], size: int, mesh) -> tuple[str, ...] | Non
     return present
 
 
+def _named(fn: Callable) -> Callable:
+    """``fn`` with its outputs named :data:`OP_OUTPUT`."""
+    return lambda *args, **kwargs: checkpoint_name(fn(*args, **kwargs), OP_OUTPUT)
+
+
 def _per_shard(fn: Callable, batch: int, heads: tuple[int, ...],
                specs: Callable[[object, object], tuple[tuple, object]]) -> Callable:
-    """``fn`` under the current mesh's ``shard_map`` (``fn`` itself without a mesh):
-    ``specs(b, h) -> (in_specs, out_specs)`` places the batch axes ``b`` and head axes ``h``
-    (None where they do not divide ``batch`` / every entry of ``heads``)."""
+    """``fn`` under the current mesh's ``shard_map`` (``fn`` itself without a mesh), its
+    outputs named :data:`OP_OUTPUT`: ``specs(b, h) -> (in_specs, out_specs)`` places the batch
+    axes ``b`` and head axes ``h`` (None where they do not divide ``batch`` / every entry of
+    ``heads``)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return fn
+        return _named(fn)
     b = _split_axes(BATCH_AXES, batch, mesh)
     head_splits = [_split_axes(HEAD_AXES, n, mesh) for n in heads]
     h = head_splits[0] if head_splits and None not in head_splits else None
     if b is None and h is None:
-        return fn
+        return _named(fn)
     in_specs, out_specs = specs(b, h)
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return _named(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                                check_vma=False))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
@@ -65,8 +72,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
         heads, rows = P(b, None, h, None), P(b, None)
         return (heads, heads, heads, rows, rows), heads
 
-    return checkpoint_name(_per_shard(run, q.shape[0], (q.shape[2], k.shape[2]), specs)(
-        q, k, v, q_layout, kv_layout), OP_OUTPUT)
+    return _per_shard(run, q.shape[0], (q.shape[2], k.shape[2]), specs)(
+        q, k, v, q_layout, kv_layout)
 
 
 def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
@@ -84,9 +91,7 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
         return ((stream, P(None, h), P(b, None), None if context is None else stream,
                  None if clean is None else stream), stream)
 
-    return checkpoint_name(
-        _per_shard(run, x.shape[0], (x.shape[2],), specs)(x, weight, segment_ids, context, clean),
-        OP_OUTPUT)
+    return _per_shard(run, x.shape[0], (x.shape[2],), specs)(x, weight, segment_ids, context, clean)
 
 
 MAX_CHUNK = 64
@@ -116,9 +121,8 @@ def gated_delta(inputs: GatedDeltaInputs, *, segment_ids: jax.Array,
         return ((_gated_delta_specs(b, h), P(b, None), None if initial_state is None else state),
                 (P(b, None, h, None), state))
 
-    return checkpoint_name(
-        _per_shard(run, segment_ids.shape[0], (inputs.k.shape[2], inputs.v.shape[2]), specs)(
-            inputs, segment_ids, initial_state), OP_OUTPUT)
+    return _per_shard(run, segment_ids.shape[0], (inputs.k.shape[2], inputs.v.shape[2]), specs)(
+        inputs, segment_ids, initial_state)
 
 
 def gated_delta_handoff(clean: GatedDeltaInputs, noisy: GatedDeltaInputs, *, segment_ids: jax.Array,
@@ -136,9 +140,8 @@ def gated_delta_handoff(clean: GatedDeltaInputs, noisy: GatedDeltaInputs, *, seg
         inputs, out = _gated_delta_specs(b, h), P(b, None, h, None)
         return (inputs, inputs, P(b, None)), (out, out)
 
-    return checkpoint_name(
-        _per_shard(run, segment_ids.shape[0], (clean.k.shape[2], clean.v.shape[2]), specs)(
-            clean, noisy, segment_ids), OP_OUTPUT)
+    return _per_shard(run, segment_ids.shape[0], (clean.k.shape[2], clean.v.shape[2]), specs)(
+        clean, noisy, segment_ids)
 
 
 def _gated_delta_specs(b, h) -> GatedDeltaInputs:
@@ -152,9 +155,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     """Expert matmul over rows sorted by expert (``jax.lax.ragged_dot`` semantics, fp32 result):
     ``ragged_dot`` on CPU/TPU, the Pallas grouped-matmul kernels on the GPU. Called per batch
     shard through :func:`routed_experts`."""
-    return checkpoint_name(grouped_matmul_api.grouped_matmul(x, w, group_sizes,
-                                                             precision=precision,
-                                                             backend=backend), OP_OUTPUT)
+    return _named(grouped_matmul_api.grouped_matmul)(x, w, group_sizes, precision=precision,
+                                                     backend=backend)
 
 
 EXPERT_AXIS = "expert"
