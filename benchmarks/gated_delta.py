@@ -141,10 +141,9 @@ def print_errs(name: str, errs: dict) -> None:
 CHECK_LAYOUTS = ((2, 4, 128, 128), (1, 2, 64, 256))  # (Hk, Hv, Dk, Dv)
 
 
-def check(backend: str, full: bool) -> dict:
-    """Compiled kernel vs reference: all head layouts with ``full``, else the first layout
-    (Triton and XLA compiles are the cost of this section)."""
-    layouts = CHECK_LAYOUTS if full else CHECK_LAYOUTS[:1]
+def check(backend: str, layouts: tuple[tuple[int, ...], ...]) -> dict:
+    """Compiled kernel vs reference at these (Hk, Hv, Dk, Dv) head layouts (Triton and XLA
+    compiles are the cost of this section)."""
     return {
         f"hk{hk}_hv{hv}_dk{dk}_dv{dv}": check_case(backend, hk, hv, dk, dv)
         for hk, hv, dk, dv in layouts
@@ -406,6 +405,9 @@ def main() -> None:
     parser.add_argument(
         "--check", action="store_true", help="only the correctness check, all layouts and modes"
     )
+    parser.add_argument(
+        "--layouts", default="", help="Hk x Hv x Dk x Dv of the check, comma separated "
+        "(default: the first of CHECK_LAYOUTS, all of them with --check)")
     parser.add_argument("--budget-s", type=float, default=440.0, help="later sections are skipped")
     parser.add_argument("--shapes", default=SHAPES, help="B x T x H x D, comma separated")
     parser.add_argument("--handoff", default=HANDOFF, help="B x T x H x D of the clean stream")
@@ -417,6 +419,8 @@ def main() -> None:
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     extra_chunks = tuple(int(c) for c in args.extra_chunks.split(",") if c)
     handoff = tuple(map(int, args.handoff.split("x")))
+    layouts = tuple(tuple(map(int, s.split("x"))) for s in args.layouts.split(",") if s) or (
+        CHECK_LAYOUTS if args.check else CHECK_LAYOUTS[:1])
     start = time.perf_counter()
     print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}")
     results: dict = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
@@ -437,7 +441,7 @@ def main() -> None:
 
     if not args.skip_check:
         print("correctness (max relative error vs reference, fp32):")
-        for name, errs in guarded(check, args.backend, args.check).items():
+        for name, errs in guarded(check, args.backend, layouts).items():
             results[f"check_{name}"] = errs
         results["check_s"] = time.perf_counter() - start
         save()

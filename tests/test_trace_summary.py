@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from trace_summary import device_time_by_name  # noqa: E402
+from trace_summary import device_time_by_arg, device_time_by_name  # noqa: E402
 
 
 def meta(kind: str, pid: int, name: str, tid: int | None = None) -> dict:
@@ -32,3 +32,13 @@ def test_cpu_trace_counts_xla_threads_without_executor_spans():
               span(1, 1, "PjitFunction(step)", 900.0), span(1, 2, "ThunkExecutor::Execute", 300.0),
               span(1, 2, "ynn_fusion.3", 120.0), span(1, 2, "while.5", 60.0)]
     assert device_time_by_name(events) == {"ynn_fusion.3": 120.0, "while.5": 60.0}
+
+
+def test_time_by_argument_tells_launches_of_one_kernel_apart():
+    events = [meta("process_name", 7, "/device:GPU:0"),
+              {**span(7, 3, "memcpy128", 30.0), "args": {"hlo_op": "copy.4", "run_id": "1"}},
+              {**span(7, 3, "memcpy128", 5.0), "args": {"hlo_op": "copy.9", "run_id": "1"}},
+              {**span(7, 3, "memcpy128", 20.0), "args": {"hlo_op": "copy.4", "run_id": "2"}},
+              {**span(7, 3, "fusion.1", 99.0), "args": {"hlo_op": "fusion.1"}}]
+    assert device_time_by_arg(events, "memcpy128") == {("hlo_op", "copy.4"): 50.0,
+                                                        ("hlo_op", "copy.9"): 5.0}
