@@ -146,7 +146,7 @@ def test_router_statistics_scanned_equal_unrolled():
     assert len(out) == 3 and out[2] is None
 
 
-@pytest.mark.parametrize("name, scan", [("tiny_cpu", False), ("qwen3_5_0p8b", True)])
+@pytest.mark.parametrize("name, scan", [("tiny_cpu", False), ("qwen3_5_0p8b", False), ("qwen3_5_2b", True)])
 def test_config_switch(name, scan):
     cfg = load_config_file(CONFIGS / f"{name}.py")
     assert cfg.model.scan_layers is scan
