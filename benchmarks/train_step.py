@@ -109,17 +109,20 @@ def check_batch(rows: int, mesh) -> None:
 
 class Variant(NamedTuple):
     """One measured train step: objective, global batch (rows), layer remat policy
-    (``layer_scan.REMAT_POLICIES``), vocabulary chunk of the cross-entropy (0: full logits) and
-    kernel backend."""
+    (``layer_scan.REMAT_POLICIES``), vocabulary chunk of the cross-entropy (0: full logits),
+    kernel backend and token chunk of the cross-entropy (> 0: over positions instead, see
+    ``train.token_chunk``)."""
 
     objective: str
     batch: int
     remat: str
     vocab_chunk: int
     backend: str
+    token_chunk: int = 0
 
     def label(self) -> str:
-        return f"{self.objective} b{self.batch} remat {self.remat} chunk {self.vocab_chunk}"
+        chunk = f"tokens {self.token_chunk}" if self.token_chunk else f"chunk {self.vocab_chunk}"
+        return f"{self.objective} b{self.batch} remat {self.remat} {chunk}"
 
 
 class Setup(NamedTuple):
@@ -183,7 +186,7 @@ def _lower_step(setup: Setup, variant: Variant, args):
                           noise=train_config.noise_config(cfg, config.mask_token_id),
                           loss=train_config.loss_config(cfg), remat=variant.remat,
                           objective=variant.objective, scan_layers=setup.scan_layers,
-                          vocab_chunk=variant.vocab_chunk)
+                          vocab_chunk=variant.vocab_chunk, token_chunk=variant.token_chunk)
     step = make_train_step(ModelBinder(config, COMPUTE_DTYPES[cfg.model.dtype], variant.backend),
                            setup.tx, step_cfg, setup.mesh,
                            state_shardings(setup.tx, setup.params, setup.mesh), seed=0)
@@ -236,7 +239,8 @@ def _measure_step(setup: Setup, variant: Variant, args, batch, compiled, compile
     tokens_per_s = variant.batch * args.seq / step_s
     return {"impl": f"jax-{variant.objective}", "backend": variant.backend,
             "scan_layers": setup.scan_layers, "remat": variant.remat,
-            "vocab_chunk": variant.vocab_chunk, "mesh": dict(setup.mesh.shape),
+            "vocab_chunk": variant.vocab_chunk, "token_chunk": variant.token_chunk,
+            "mesh": dict(setup.mesh.shape),
             "processes": jax.process_count(), "devices": devices, "batch": variant.batch,
             "seq": args.seq, "step_ms": 1e3 * step_s, "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": tokens_per_s / devices,
@@ -249,7 +253,7 @@ def _measure_step(setup: Setup, variant: Variant, args, batch, compiled, compile
 def _error_row(variant: Variant, err: Exception) -> dict:
     return {"impl": f"jax-{variant.objective}", "backend": variant.backend,
             "batch": variant.batch, "remat": variant.remat, "vocab_chunk": variant.vocab_chunk,
-            "error": f"{type(err).__name__}: {str(err)[:1500]}"}
+            "token_chunk": variant.token_chunk, "error": f"{type(err).__name__}: {str(err)[:1500]}"}
 
 
 def _out_of_memory(err: Exception) -> bool:
@@ -338,12 +342,15 @@ def _breakdown_pieces(setup: Setup, args) -> dict[str, tuple[Any, Any]]:
     model = binder(setup.params)
     weight, vocab_major = model.head_weight()
 
-    def head_loss(chunk: int):
+    def head_loss(chunk: str):
+        vocab_chunk, token_chunk = _head_chunks(chunk)
+
         def fwd_bwd(weight, clean, noisy, *targets):
             def loss(w, c, n):
-                if chunk:
-                    return flare_loss(c, n, *targets, loss_cfg,
-                                      head_cross_entropy(w, vocab_major, chunk))[0]
+                if vocab_chunk or token_chunk:
+                    head = head_cross_entropy(w, vocab_major, vocab_chunk=vocab_chunk,
+                                              token_chunk=token_chunk)
+                    return flare_loss(c, n, *targets, loss_cfg, head)[0]
                 head = (w.T if vocab_major else w).astype(dtype)
                 logits = [jnp.einsum("bli,iv->blv", x, head, preferred_element_type=jnp.float32)
                           for x in (c, n)]
@@ -371,7 +378,7 @@ def _breakdown_pieces(setup: Setup, args) -> dict[str, tuple[Any, Any]]:
     pieces = {"layers_fwd": (layers_fwd, row_in)}
     for remat in REMAT_POLICIES:
         pieces[f"layers_fwd_bwd_remat_{remat}"] = (layers_fwd_bwd(remat), (*row_in, cotangent))
-    for chunk in (0, *args.breakdown_chunks):
+    for chunk in ("0", *args.breakdown_chunks):
         pieces[f"head_loss_fwd_bwd_chunk_{chunk}"] = (head_loss(chunk), hidden)
     for kind, index in (("linear", config.layer_types.index("linear_attention")),
                         ("full", config.layer_types.index(FULL))):
@@ -422,7 +429,8 @@ def _run_breakdown(args, setup: Setup, rows: list[dict], compiled: dict, pieces:
     row = {"breakdown": "jax-flare", "batch": args.batch, "seq": args.seq,
            "layers": {"linear": n_linear, "full": n_full}, "ms": ms, "errors": errors}
     if step is not None:
-        row["reference_step"] = {k: step[k] for k in ("remat", "vocab_chunk", "step_ms")}
+        row["reference_step"] = {k: step[k] for k in ("remat", "vocab_chunk", "token_chunk",
+                                                       "step_ms")}
         row["share_of_step"] = {name: t / step["step_ms"] for name, t in ms.items()}
     return row
 
@@ -439,16 +447,18 @@ def _variants(args) -> list[Variant]:
     remat = cfg.model.remat if args.remat is None else REMAT_SPELLINGS[args.remat]
     chunk = cfg.train.vocab_chunk if args.vocab_chunk is None else args.vocab_chunk
     objectives = ("flare", "causal") if args.objective == "both" else (args.objective,)
-    return [Variant(o, args.batch, remat, chunk, args.backend) for o in objectives]
+    return [Variant(o, args.batch, remat, chunk, args.backend, cfg.train.token_chunk)
+            for o in objectives]
 
 
 def _ratio_rows(rows: list[dict]) -> list[dict]:
     """FLARE over causal step time for every measured pair of the same batch, remat, chunk."""
     def key(row):
-        return row["batch"], row["remat"], row["vocab_chunk"]
+        return row["batch"], row["remat"], row["vocab_chunk"], row["token_chunk"]
 
     causal = {key(r): r for r in rows if r.get("impl") == "jax-causal" and "step_ms" in r}
     return [{"batch": r["batch"], "remat": r["remat"], "vocab_chunk": r["vocab_chunk"],
+             "token_chunk": r["token_chunk"],
              "flare_over_causal_step_time": r["step_ms"] / causal[key(r)]["step_ms"]}
             for r in rows if r.get("impl") == "jax-flare" and "step_ms" in r and key(r) in causal]
 
@@ -582,16 +592,24 @@ def _mesh_flag(text: str) -> tuple[int, int, int]:
 # commands in docs/performance.md ("remat" was the "full" policy).
 REMAT_SPELLINGS = {"none": "none", "full": "full", "selective": "selective",
                    "remat": "full", "no-remat": "none"}
-_VARIANT_FORM = f"objective,batch,{'|'.join(REMAT_SPELLINGS)},vocab_chunk[,backend]"
+_VARIANT_FORM = f"objective,batch,{'|'.join(REMAT_SPELLINGS)},vocab_chunk|tTOKENS[,backend]"
+
+
+def _head_chunks(text: str) -> tuple[int, int]:
+    """``(vocab_chunk, token_chunk)`` of a chunk field: ``8192`` a vocabulary chunk (``0``:
+    full logits), ``t4096`` a token chunk (``train.token_chunk``)."""
+    return (0, int(text[1:])) if text.startswith("t") else (int(text), 0)
 
 
 def _variant_flag(text: str) -> Variant:
-    """``objective,batch,remat,vocab_chunk[,backend]`` (remat: ``REMAT_SPELLINGS``)."""
+    """``objective,batch,remat,chunk[,backend]`` (remat: ``REMAT_SPELLINGS``; chunk: see
+    ``_head_chunks``)."""
     parts = text.split(",")
     if len(parts) not in (4, 5) or parts[2] not in REMAT_SPELLINGS:
         raise argparse.ArgumentTypeError(f"--variant wants {_VARIANT_FORM}, got {text!r}")
-    return Variant(parts[0], int(parts[1]), REMAT_SPELLINGS[parts[2]], int(parts[3]),
-                   parts[4] if len(parts) == 5 else "auto")
+    vocab_chunk, token_chunk = _head_chunks(parts[3])
+    return Variant(parts[0], int(parts[1]), REMAT_SPELLINGS[parts[2]], vocab_chunk,
+                   parts[4] if len(parts) == 5 else "auto", token_chunk)
 
 
 def main() -> None:
@@ -614,7 +632,7 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="also time pieces of the FLARE step at --batch (see "
                              "_breakdown_pieces) and their share of that step")
-    parser.add_argument("--breakdown-chunks", type=lambda t: [int(v) for v in t.split(",")],
+    parser.add_argument("--breakdown-chunks", type=lambda t: t.split(","),
                         default=[8192], help="vocabulary chunks of the breakdown's head pieces")
     parser.add_argument("--compile-workers", type=int, default=1,
                         help="threads compiling the variants and pieces")

@@ -14,22 +14,30 @@ Loss, over supervised tokens only (log-softmax and sums in fp32):
     supervised token of either kind weighs the same; a weight of 0 ablates a term.
 
 The cross-entropies come from full logits, or (training) from the final hidden states through the
-LM head over vocabulary chunks (:func:`head_cross_entropy`), without the ``[B, L, V]`` logits.
+LM head (:func:`head_cross_entropy`) over vocabulary chunks or over chunks of positions, without
+the ``[B, L, V]`` logits. Each token's weight in the total is known before the cross-entropy is
+taken, so a :data:`CrossEntropy` returns the weighted sum itself (the position-chunked head forms
+its gradients in the forward pass from those weights).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from flare_jax.layout import FlareLayout
+from flare_jax.token_ce import weighted_cross_entropy
 from flare_jax.vocab_ce import chunked_cross_entropy
 
-# (predictor [B, L, ...], targets [B, L]) -> per-token cross-entropy [B, L] in fp32
-CrossEntropy = Callable[[jax.Array, jax.Array], jax.Array]
+# (predictor [B, L, ...], targets [B, L], loss weight of each token [B, L])
+Scored = tuple[jax.Array, jax.Array, jax.Array]
+# scored triples -> (sum of weight x cross-entropy over all of them, differentiable; the per-token
+# cross-entropies [B, L] in fp32, one per triple, for metrics)
+CrossEntropy = Callable[[Sequence[Scored]], tuple[jax.Array, list[jax.Array]]]
 
 _NOISE_PER = ("block", "sequence")
 
@@ -148,16 +156,44 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(logits, axis=-1) - target_logit[..., 0]
 
 
-def head_cross_entropy(weight: jax.Array, vocab_major: bool, chunk_size: int) -> CrossEntropy:
-    """Cross-entropy of final-normed hidden states ``[B, L, hidden]`` through the LM head
-    ``weight`` (see :meth:`~flare_jax.model.hybrid.HybridLM.head_weight`), computed over
-    vocabulary chunks of ``chunk_size`` without materialising the logits
-    (:func:`~flare_jax.vocab_ce.chunked_cross_entropy`)."""
-    def cross_entropy(hidden: jax.Array, targets: jax.Array) -> jax.Array:
-        return chunked_cross_entropy(hidden, weight, targets, vocab_major=vocab_major,
-                                     chunk_size=chunk_size)
+def per_token(cross_entropy: Callable[[jax.Array, jax.Array], jax.Array]) -> CrossEntropy:
+    """A :data:`CrossEntropy` from a per-token one, ``(predictor, targets) -> [B, L]``."""
+    def weighted(scored: Sequence[Scored]) -> tuple[jax.Array, list[jax.Array]]:
+        ces = [cross_entropy(x, targets) for x, targets, _ in scored]
+        total = sum(jnp.sum(w * ce) for (_, _, w), ce in zip(scored, ces, strict=True))
+        return total, ces
 
-    return cross_entropy
+    return weighted
+
+
+def head_cross_entropy(weight: jax.Array, vocab_major: bool, *, vocab_chunk: int = 0,
+                       token_chunk: int = 0) -> CrossEntropy:
+    """Cross-entropy of final-normed hidden states ``[B, L, hidden]`` through the LM head
+    ``weight`` (see :meth:`~flare_jax.model.hybrid.HybridLM.head_weight`), without the logits:
+
+    - ``token_chunk > 0``: over steps of about that many tokens with the whole vocabulary, all
+      triples in one pass (rows side by side), gradients formed in the forward pass
+      (:func:`~flare_jax.token_ce.weighted_cross_entropy`);
+    - else over vocabulary chunks of ``vocab_chunk`` ids, each triple on its own
+      (:func:`~flare_jax.vocab_ce.chunked_cross_entropy`).
+    """
+    if token_chunk > 0:
+        def by_positions(scored: Sequence[Scored]) -> tuple[jax.Array, list[jax.Array]]:
+            hidden, targets, weights = (jnp.concatenate(parts, axis=1) for parts in zip(*scored, strict=True))
+            total, ce = weighted_cross_entropy(hidden, weight, targets, weights,
+                                               vocab_major=vocab_major, chunk_tokens=token_chunk)
+            ends = list(itertools.accumulate(t.shape[1] for _, t, _ in scored))
+            return total, jnp.split(ce, ends[:-1], axis=1)
+
+        return by_positions
+    if vocab_chunk < 1:
+        raise ValueError(f"head_cross_entropy needs vocab_chunk or token_chunk > 0, got "
+                         f"{vocab_chunk}, {token_chunk}")
+    def by_vocabulary(hidden: jax.Array, targets: jax.Array) -> jax.Array:
+        return chunked_cross_entropy(hidden, weight, targets, vocab_major=vocab_major,
+                                     chunk_size=vocab_chunk)
+
+    return per_token(by_vocabulary)
 
 
 def flare_loss(
@@ -169,13 +205,14 @@ def flare_loss(
     segment_ids: jax.Array,
     t_per_token: jax.Array,
     cfg: LossConfig,
-    cross_entropy: CrossEntropy = token_cross_entropy,
+    cross_entropy: CrossEntropy | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Token-balanced FLARE loss and its metrics.
 
-    ``clean`` / ``noisy`` are what ``cross_entropy`` scores against the target tokens: logits
-    ``[B, L, V]`` (any float dtype) by default, or final-normed hidden states ``[B, L, hidden]``
-    with :func:`head_cross_entropy`; the rest is ``[B, L]``. Metrics: ``loss``,
+    ``clean`` / ``noisy`` are what ``cross_entropy`` scores against the target tokens (one call,
+    both streams): logits ``[B, L, V]`` (any float dtype) by default (``None``:
+    ``per_token(token_cross_entropy)``), or final-normed hidden
+    states ``[B, L, hidden]`` with :func:`head_cross_entropy`; the rest is ``[B, L]``. Metrics: ``loss``,
     ``ar_loss`` / ``diffusion_loss`` (mean cross-entropy per supervised token, unweighted),
     ``ar_tokens`` / ``diffusion_tokens`` (counts), and with ``elbo_weighting`` also
     ``diffusion_elbo_loss`` (mean of the ``1 / t``-weighted cross-entropy).
@@ -188,28 +225,27 @@ def flare_loss(
     same_doc_next = segment_ids[:, :-1] == segment_ids[:, 1:]
 
     ar_valid = same_doc_next & loss_mask[:, 1:]
-    ar_ce = cross_entropy(clean[:, :-1], tokens[:, 1:])
-
     masked = noise_mask.astype(bool) & loss_mask
     if cfg.logit_shift:
         diff_valid = same_doc_next & masked[:, 1:]
-        diff_ce = cross_entropy(noisy[:, :-1], tokens[:, 1:])
-        t = t_per_token[:, 1:]
+        diff_scored, t = (noisy[:, :-1], tokens[:, 1:]), t_per_token[:, 1:]
     else:
         diff_valid = masked
-        diff_ce = cross_entropy(noisy, tokens)
-        t = t_per_token
-    diff_weighted = diff_ce / t.astype(jnp.float32) if cfg.elbo_weighting else diff_ce
+        diff_scored, t = (noisy, tokens), t_per_token
+    elbo = 1.0 / t.astype(jnp.float32) if cfg.elbo_weighting else 1.0
 
     n_ar = jnp.sum(ar_valid, dtype=jnp.float32)
     n_diff = jnp.sum(diff_valid, dtype=jnp.float32)
+    denominator = cfg.ar_weight * n_ar + cfg.diffusion_weight * n_diff
+    per_weight = 1.0 / jnp.where(denominator > 0, denominator, 1.0)
+    ar_weights = jnp.where(ar_valid, cfg.ar_weight * per_weight, 0.0)
+    diff_weights = jnp.where(diff_valid, cfg.diffusion_weight * per_weight * elbo, 0.0)
+    cross_entropy = cross_entropy or per_token(token_cross_entropy)
+    total, (ar_ce, diff_ce) = cross_entropy(
+        [(clean[:, :-1], tokens[:, 1:], ar_weights), (*diff_scored, diff_weights)])
+
     sum_ar = jnp.sum(jnp.where(ar_valid, ar_ce, 0.0))
     sum_diff = jnp.sum(jnp.where(diff_valid, diff_ce, 0.0))
-    sum_diff_weighted = jnp.sum(jnp.where(diff_valid, diff_weighted, 0.0))
-
-    numerator = cfg.ar_weight * sum_ar + cfg.diffusion_weight * sum_diff_weighted
-    denominator = cfg.ar_weight * n_ar + cfg.diffusion_weight * n_diff
-    total = numerator / jnp.where(denominator > 0, denominator, 1.0)
     metrics = {
         "loss": total,
         "ar_loss": sum_ar / jnp.maximum(n_ar, 1.0),
@@ -218,6 +254,7 @@ def flare_loss(
         "diffusion_tokens": n_diff,
     }
     if cfg.elbo_weighting:
+        sum_diff_weighted = jnp.sum(jnp.where(diff_valid, diff_ce * elbo, 0.0))
         metrics["diffusion_elbo_loss"] = sum_diff_weighted / jnp.maximum(n_diff, 1.0)
     return total, metrics
 

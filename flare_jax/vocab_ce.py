@@ -44,8 +44,8 @@ def _geometry(weight: jax.Array, vocab_major: bool, chunk_size: int) -> tuple[in
     return vocab, chunk, -(-vocab // chunk)
 
 
-def _precision(dtype: jnp.dtype) -> jax.lax.Precision:
-    # As the model's matmuls: full precision for fp32 (parity runs), the fast default otherwise.
+def matmul_precision(dtype: jnp.dtype) -> jax.lax.Precision:
+    """As the model's matmuls: full precision for fp32 (parity runs), the fast default else."""
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
@@ -58,7 +58,7 @@ def _chunk(hidden: jax.Array, weight: jax.Array, i: jax.Array, vocab_major: bool
     rows = jax.lax.dynamic_slice_in_dim(weight, start, chunk, axis=0 if vocab_major else 1)
     rows = (rows if vocab_major else rows.T).astype(hidden.dtype)
     logits = jnp.einsum("nh,ch->nc", hidden, rows, preferred_element_type=jnp.float32,
-                        precision=_precision(hidden.dtype))
+                        precision=matmul_precision(hidden.dtype))
     ids = start + jnp.arange(chunk)
     logits = jnp.where(ids >= i * chunk, logits, -jnp.inf)
     return start, rows, logits, ids
@@ -102,7 +102,7 @@ def _fwd(vocab_major, chunk_size, hidden, weight, targets):
 def _bwd(vocab_major, chunk_size, residuals, g):
     hidden, weight, targets, lse = residuals
     _, _, n_chunks = _geometry(weight, vocab_major, chunk_size)
-    precision = _precision(hidden.dtype)
+    precision = matmul_precision(hidden.dtype)
     axis = 0 if vocab_major else 1
 
     def body(i, carry):

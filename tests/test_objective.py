@@ -245,9 +245,12 @@ def test_chunked_cross_entropy_equals_dense(vocab_major, chunk):
         np.testing.assert_allclose(g, e, atol=CE_ATOL, rtol=0)
 
 
-def test_flare_loss_from_hidden_states_equals_logits():
-    # The objective over [B, L, hidden] states through head_cross_entropy (AR and shifted
-    # diffusion terms, ELBO weights) equals it over the logits: value and gradients.
+@pytest.mark.parametrize("head", [{"vocab_chunk": 32}, {"token_chunk": 4}],
+                         ids=["vocab_chunks", "token_chunks"])
+@pytest.mark.parametrize("logit_shift", [True, False])
+def test_flare_loss_from_hidden_states_equals_logits(head, logit_shift):
+    # The objective over [B, L, hidden] states through head_cross_entropy (AR and diffusion
+    # terms, shifted or not, ELBO weights) equals it over the logits: value, gradients, metrics.
     rng = np.random.default_rng(4)
     shape = (2, 9)
     clean, noisy = (jnp.asarray(rng.normal(size=(*shape, HIDDEN)), jnp.float32) for _ in range(2))
@@ -255,16 +258,23 @@ def test_flare_loss_from_hidden_states_equals_logits():
     tokens = jnp.asarray(rng.integers(0, VOCAB, shape), jnp.int32)
     rest = (jnp.asarray(rng.random(shape) < 0.5), jnp.ones(shape, bool),
             jnp.asarray(np.repeat([[1] * 5 + [2] * 4], 2, axis=0)), jnp.full(shape, 0.4))
-    cfg = LossConfig(logit_shift=True, elbo_weighting=True)
+    cfg = LossConfig(logit_shift=logit_shift, elbo_weighting=True)
 
     def from_logits(c, n, w):
         return flare_loss(_dense_logits(c, w, True), _dense_logits(n, w, True), tokens, *rest,
-                          cfg)[0]
+                          cfg)
 
     def from_hidden(c, n, w):
-        return flare_loss(c, n, tokens, *rest, cfg, head_cross_entropy(w, True, 32))[0]
+        return flare_loss(c, n, tokens, *rest, cfg, head_cross_entropy(w, True, **head))
 
-    expected = jax.value_and_grad(from_logits, argnums=(0, 1, 2))(clean, noisy, weight)
-    got = jax.value_and_grad(from_hidden, argnums=(0, 1, 2))(clean, noisy, weight)
+    expected = jax.value_and_grad(from_logits, argnums=(0, 1, 2), has_aux=True)(
+        clean, noisy, weight)
+    got = jax.value_and_grad(from_hidden, argnums=(0, 1, 2), has_aux=True)(clean, noisy, weight)
+    assert set(got[0][1]) == set(expected[0][1])
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(g, e, atol=CE_ATOL, rtol=0)
+
+
+def test_head_cross_entropy_needs_a_chunk():
+    with pytest.raises(ValueError, match="needs vocab_chunk or token_chunk > 0"):
+        head_cross_entropy(jnp.zeros((VOCAB, HIDDEN)), True)

@@ -103,6 +103,9 @@ def default_config() -> ml_collections.ConfigDict:
     # cross-entropy over vocabulary chunks of this many tokens, never holding the [B, L, V] fp32
     # logits and their gradient (flare_jax/vocab_ce.py); 0: from full logits
     c.train.vocab_chunk = 8192
+    # > 0: instead of vocab_chunk, over steps of about this many tokens with the whole vocabulary,
+    # the gradients formed in the forward pass (flare_jax/token_ce.py: 3 head matmuls, not 4)
+    c.train.token_chunk = 0
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500
@@ -188,6 +191,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("train.progress", lambda v: isinstance(v, bool), "a bool"),
         ("train.peak_tflops", lambda v: _num(v) and v >= 0, "a number >= 0"),
         ("train.vocab_chunk", lambda v: _int(v) and v >= 0, "an int >= 0 (0: full logits)"),
+        ("train.token_chunk", lambda v: _int(v) and v >= 0, "an int >= 0 (0: off)"),
         ("checkpoint.every", lambda v: _int(v) and v >= 0, "an int >= 0 (0: only at the end)"),
         ("checkpoint.keep", lambda v: _int(v) and v >= 1, "a positive int"),
         ("checkpoint.async_save", lambda v: isinstance(v, bool), "a bool"),

@@ -27,6 +27,7 @@ from flare_jax.objective import (
     add_noise,
     flare_loss,
     head_cross_entropy,
+    per_token,
     token_cross_entropy,
 )
 from flare_jax.pretrained import module_params
@@ -101,6 +102,9 @@ class StepConfig:
     # cross-entropy over vocabulary chunks of this many tokens, never holding the [B, L, V]
     # logits (flare_jax.vocab_ce); 0: from full fp32 logits
     vocab_chunk: int = 8192
+    # > 0: instead, the cross-entropy runs over steps of about this many tokens with the whole
+    # vocabulary, its gradients formed in the forward pass (flare_jax.token_ce)
+    token_chunk: int = 0
 
 
 def _micro_batches(x: jax.Array, accum: int) -> jax.Array:
@@ -114,9 +118,8 @@ def _causal_loss(outputs: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
                  segment_ids: jax.Array, cross_entropy: CrossEntropy
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     valid = (segment_ids[:, :-1] == segment_ids[:, 1:]) & loss_mask[:, 1:].astype(bool)
-    ce = cross_entropy(outputs[:, :-1], tokens[:, 1:])
     n = jnp.sum(valid, dtype=jnp.float32)
-    mean = jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(n, 1.0)
+    mean, _ = cross_entropy([(outputs[:, :-1], tokens[:, 1:], valid / jnp.maximum(n, 1.0))])
     return mean, {"loss": mean, "ar_loss": mean, "ar_tokens": n,
                   "diffusion_loss": jnp.zeros(()), "diffusion_tokens": jnp.zeros(())}
 
@@ -152,9 +155,11 @@ def make_train_step(binder: ModelBinder, tx: optax.GradientTransformation, cfg: 
         model = binder(params)
         tokens, segment_ids, loss_mask = micro["tokens"], micro["segment_ids"], micro["loss_mask"]
         router_mask = loss_mask.astype(bool)
-        chunked = cfg.vocab_chunk > 0  # the model returns normed hidden states, not logits
-        cross_entropy = (head_cross_entropy(*model.head_weight(), cfg.vocab_chunk) if chunked
-                         else token_cross_entropy)
+        # through the head: the model returns normed hidden states, not logits
+        chunked = cfg.vocab_chunk > 0 or cfg.token_chunk > 0
+        cross_entropy = (head_cross_entropy(*model.head_weight(), vocab_chunk=cfg.vocab_chunk,
+                                            token_chunk=cfg.token_chunk) if chunked
+                         else per_token(token_cross_entropy))
         if cfg.objective == "causal":
             outputs, _, stats = model(tokens, segment_ids, scan_layers=cfg.scan_layers,
                                       token_mask=router_mask, with_router_stats=True,

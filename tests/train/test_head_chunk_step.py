@@ -1,6 +1,7 @@
-"""The train step with the chunked-vocabulary cross-entropy (``StepConfig.vocab_chunk``) equals
-the full-logits step: loss, token counts and gradients, for the FLARE objective with tied
-embeddings and the causal objective with an untied head."""
+"""The train step with the chunked cross-entropies through the head (``StepConfig.vocab_chunk``:
+vocabulary chunks; ``StepConfig.token_chunk``: position chunks, gradients formed in the forward
+pass) equals the full-logits step: loss, token counts and gradients, for the FLARE objective with
+tied embeddings and the causal objective with an untied head."""
 
 import dataclasses
 
@@ -21,13 +22,18 @@ from flare_jax.train.step import ModelBinder, init_state, make_train_step, state
 # gradient itself, compared at 1e-6 absolute (entries are O(1e-3..1e-1)); a chunk boundary
 # counted twice or missed moves the loss and gradients by far more.
 LOSS_RTOL, GRAD_ATOL = 1e-6, 1e-6
-VOCAB_CHUNK = 24  # the tiny vocabulary of 64 = 2 x 24 + 16: the last chunk overlaps
+HEADS = {
+    "vocab_chunks": {"vocab_chunk": 24},  # the tiny vocabulary of 64 = 2 x 24 + 16: overlaps
+    # 2 rows of 16 positions: causal 15 scored positions per row, FLARE 15 + 16 side by side
+    # (unshifted diffusion term); steps of 5 positions per row, the last one padded with FLARE
+    "token_chunks": {"vocab_chunk": 0, "token_chunk": 10},
+}
 
 
-def _one_step(objective: str, tied: bool, vocab_chunk: int) -> tuple[dict, dict]:
+def _one_step(objective: str, tied: bool, head: dict[str, int]) -> tuple[dict, dict]:
     model_config, _, step_cfg = tiny_training()
     model_config = ModelConfig.from_dict({**model_config.to_dict(), "tie_word_embeddings": tied})
-    step_cfg = dataclasses.replace(step_cfg, objective=objective, vocab_chunk=vocab_chunk)
+    step_cfg = dataclasses.replace(step_cfg, objective=objective, **head)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     tx = optax.sgd(1.0)
     params = init_params(model_config, 0, mesh)
@@ -40,10 +46,11 @@ def _one_step(objective: str, tied: bool, vocab_chunk: int) -> tuple[dict, dict]
     return {k: float(v) for k, v in metrics.items()}, grads
 
 
+@pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("objective, tied", [("flare", True), ("causal", False)])
-def test_chunked_step_equals_full_logits_step(objective, tied):
-    dense_metrics, dense_grads = _one_step(objective, tied, 0)
-    metrics, grads = _one_step(objective, tied, VOCAB_CHUNK)
+def test_chunked_step_equals_full_logits_step(objective, tied, head):
+    dense_metrics, dense_grads = _one_step(objective, tied, {"vocab_chunk": 0})
+    metrics, grads = _one_step(objective, tied, HEADS[head])
     assert metrics["ar_tokens"] == dense_metrics["ar_tokens"] > 0
     assert metrics["diffusion_tokens"] == dense_metrics["diffusion_tokens"]
     np.testing.assert_allclose(metrics["loss"], dense_metrics["loss"], rtol=LOSS_RTOL)

@@ -1,0 +1,127 @@
+"""Weighted cross-entropy through the LM head over chunks of positions, its gradients formed in
+the forward pass.
+
+The loss weight of every token is an input, so the forward pass can finish the work at once:
+each step takes ``C`` positions of every row (about ``chunk_tokens`` tokens in all), forms their
+logits over the whole vocabulary ``[B, C, V]`` in fp32, the logsumexp and the cross-entropy, then
+``d_logits = w (softmax - onehot)`` (compute dtype), ``d_hidden = d_logits @ W`` and the step's
+share of ``d_weight = d_logits^T @ hidden`` (fp32 accumulation). The backward pass only scales
+those two by the cotangent of the weighted sum. Three matmuls with the head per token instead of
+the four of :mod:`flare_jax.vocab_ce`, whose backward recomputes the logits. The one step's
+``[B, C, V]`` logits are the largest buffer (4 GiB at 4096 tokens x 248320 ids); ``d_weight`` is
+held in fp32 from the forward pass to the backward pass.
+
+Positions are chunked within rows, so a batch sharded over rows stays sharded in every step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from flare_jax.vocab_ce import matmul_precision
+
+
+def weighted_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Array,
+                           token_weights: jax.Array, *, vocab_major: bool,
+                           chunk_tokens: int = 4096) -> tuple[jax.Array, jax.Array]:
+    """``(sum(token_weights * ce), ce)``, ``ce [B, L]`` the fp32 per-token
+    ``-log softmax(hidden @ head)[target]``.
+
+    ``hidden [B, L, H]`` (its dtype is the matmul dtype; fp32 runs full-precision matmuls),
+    ``weight`` the head: ``[V, H]`` with ``vocab_major`` (a tied embedding), else ``[H, V]``;
+    ``targets`` ids in ``[0, V)`` and ``token_weights`` (any float dtype), both ``[B, L]``. The
+    sum is differentiable in ``hidden``, ``weight`` and ``token_weights``; ``ce`` is for metrics
+    and carries no gradient (its own would need the logits again).
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    if targets.ndim != 2 or hidden.shape[:2] != targets.shape or token_weights.shape != targets.shape:
+        raise ValueError("expected hidden [B, L, H] with targets and token_weights [B, L], got "
+                         f"{hidden.shape}, {targets.shape}, {token_weights.shape}")
+    rows, length = targets.shape
+    per_row = max(1, min(length, chunk_tokens // rows))
+    dtypes = (jnp.dtype(hidden.dtype), jnp.dtype(weight.dtype))  # of the gradients
+    total, ce = _weighted_ce(vocab_major, per_row, dtypes, hidden, weight,
+                             targets.astype(jnp.int32), token_weights.astype(jnp.float32))
+    return total, jax.lax.stop_gradient(ce)
+
+
+def _to_steps(x: jax.Array, per_row: int) -> jax.Array:
+    """``[B, L, ...] -> [steps, B, per_row, ...]``, positions zero-padded to a whole step."""
+    rows, length = x.shape[:2]
+    steps = -(-length // per_row)
+    x = jnp.pad(x, [(0, 0), (0, steps * per_row - length)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.swapaxes(x.reshape(rows, steps, per_row, *x.shape[2:]), 0, 1)
+
+
+def _from_steps(x: jax.Array, length: int) -> jax.Array:
+    """Inverse of :func:`_to_steps`."""
+    steps, rows, per_row = x.shape[:3]
+    return jnp.swapaxes(x, 0, 1).reshape(rows, steps * per_row, *x.shape[3:])[:, :length]
+
+
+def _scan(vocab_major: bool, per_row: int, hidden: jax.Array, weight: jax.Array,
+          targets: jax.Array, token_weights: jax.Array, with_grads: bool
+          ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """``ce [B, L]`` and, ``with_grads``, the gradients of ``sum(token_weights * ce)`` for
+    ``hidden`` (fp32, ``[B, L, H]``) and ``weight`` (fp32, its shape)."""
+    head = weight.astype(hidden.dtype)
+    precision = matmul_precision(hidden.dtype)
+    w_dims = "vh" if vocab_major else "hv"
+    vocab = weight.shape[0 if vocab_major else 1]
+
+    def step(d_weight, xs):
+        h, t, w = xs  # [B, C, H], [B, C], [B, C]: padded positions have weight 0
+        logits = jnp.einsum(f"bch,{w_dims}->bcv", h, head, preferred_element_type=jnp.float32,
+                            precision=precision)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        ce = lse - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        if not with_grads:
+            return d_weight, (ce, None)
+        onehot = jnp.arange(vocab) == t[..., None]
+        d_logits = (w[..., None] * (jnp.exp(logits - lse[..., None]) - onehot)).astype(h.dtype)
+        d_h = jnp.einsum(f"bcv,{w_dims}->bch", d_logits, head,
+                         preferred_element_type=jnp.float32, precision=precision)
+        d_weight = d_weight + jnp.einsum(f"bcv,bch->{w_dims}", d_logits, h,
+                                         preferred_element_type=jnp.float32, precision=precision)
+        return d_weight, (ce, d_h)
+
+    xs = (_to_steps(hidden, per_row), _to_steps(targets, per_row),
+          _to_steps(token_weights, per_row))
+    init = jnp.zeros(weight.shape, jnp.float32) if with_grads else None
+    d_weight, (ce, d_hidden) = jax.lax.scan(step, init, xs)
+    length = targets.shape[1]
+    d_hidden = None if d_hidden is None else _from_steps(d_hidden, length)
+    return _from_steps(ce, length), d_hidden, d_weight
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _weighted_ce(vocab_major: bool, per_row: int, dtypes: tuple[jnp.dtype, jnp.dtype],
+                 hidden: jax.Array, weight: jax.Array, targets: jax.Array,
+                 token_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    del dtypes
+    ce = _scan(vocab_major, per_row, hidden, weight, targets, token_weights, False)[0]
+    return jnp.sum(token_weights * ce), ce
+
+
+def _fwd(vocab_major, per_row, dtypes, hidden, weight, targets, token_weights):
+    del dtypes
+    ce, d_hidden, d_weight = _scan(vocab_major, per_row, hidden, weight, targets, token_weights,
+                                   True)
+    total = jnp.sum(token_weights * ce)
+    return (total, ce), (d_hidden, d_weight, ce)
+
+
+def _bwd(vocab_major, per_row, dtypes, residuals, cotangents):
+    del vocab_major, per_row
+    hidden_dtype, weight_dtype = dtypes
+    d_hidden, d_weight, ce = residuals
+    g = cotangents[0]  # that of ``ce`` is zero: the public function stops its gradient
+    return ((g * d_hidden).astype(hidden_dtype), (g * d_weight).astype(weight_dtype), None,
+            g * ce)
+
+
+_weighted_ce.defvjp(_fwd, _bwd)
