@@ -118,9 +118,10 @@ def fixed_batch(rows: int, length: int, vocab: int) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "segment_ids": segment_ids, "loss_mask": loss_mask}
 
 
-def tiny_training(loss=None, grad_accum: int = 1):
+def tiny_training(loss=None, grad_accum: int = 1, token_chunk: int = 0):
     """The tiny config's model config, optimizer and step config (``LOOP_STEPS`` schedule);
-    ``loss`` overrides the config's loss balance."""
+    ``loss`` overrides the config's loss balance, ``token_chunk`` the head's cross-entropy
+    (``StepConfig.token_chunk``)."""
     from flare_jax.train import config as train_config
     from flare_jax.train import load_config_file
     from flare_jax.train.optimizer import make_optimizer
@@ -135,7 +136,8 @@ def tiny_training(loss=None, grad_accum: int = 1):
                            clip_norm=o.clip_norm)
     step_cfg = StepConfig(block_size=cfg.block_size,
                           noise=train_config.noise_config(cfg, model_config.mask_token_id),
-                          loss=loss or train_config.loss_config(cfg), grad_accum=grad_accum)
+                          loss=loss or train_config.loss_config(cfg), grad_accum=grad_accum,
+                          token_chunk=token_chunk)
     return model_config, tx, step_cfg
 
 
@@ -158,13 +160,13 @@ def train_steps(state, mesh, batch: dict[str, np.ndarray], steps: int, training)
 
 
 def run_steps(mesh, batch: dict[str, np.ndarray], steps: int = 3, grad_accum: int = 1,
-              loss=None, keep_initial: bool = False) -> dict:
+              loss=None, keep_initial: bool = False, token_chunk: int = 0) -> dict:
     """``steps`` FLARE train steps of the tiny model from its seed-0 init on ``batch`` (this
-    process's rows); ``loss`` overrides the config's loss balance."""
+    process's rows); ``loss`` and ``token_chunk`` as in :func:`tiny_training`."""
     from flare_jax.train.init import init_params
     from flare_jax.train.step import init_state
 
-    training = tiny_training(loss, grad_accum)
+    training = tiny_training(loss, grad_accum, token_chunk)
     model_config, tx, _ = training
     params = init_params(model_config, 0, mesh)
     extra = {}
@@ -179,7 +181,8 @@ def run_steps(mesh, batch: dict[str, np.ndarray], steps: int = 3, grad_accum: in
 
 def meshes(out: Path) -> dict:
     """The same steps on 1 device and on 4-device data, fsdp and fsdp+tensor (with 2 accumulated
-    micro-batches) meshes; and the AR-only check (:func:`ar_only`) on 1 device."""
+    micro-batches; and with the head's cross-entropy over position chunks) meshes; and the
+    AR-only check (:func:`ar_only`) on 1 device."""
     from flare_jax.train.mesh import make_mesh
 
     batch = fixed_batch(4, 32, 64)
@@ -190,6 +193,8 @@ def meshes(out: Path) -> dict:
         "data": lambda: run_steps(make_mesh(4, 1, 1), batch),
         "fsdp": lambda: run_steps(make_mesh(1, 4, 1), batch),
         "fsdp_tensor_accum2": lambda: run_steps(make_mesh(1, 2, 2), batch, grad_accum=2),
+        # 4 rows, both streams side by side: 63 positions in steps of 2 per row (the last padded)
+        "fsdp_tensor_token_chunks": lambda: run_steps(make_mesh(1, 2, 2), batch, token_chunk=8),
     }
     # Two at a time: XLA compiles (the bulk of the time) release the GIL.
     with ThreadPoolExecutor(max_workers=2) as pool:
