@@ -179,7 +179,8 @@ def head_cross_entropy(weight: jax.Array, vocab_major: bool, *, vocab_chunk: int
     """
     if token_chunk > 0:
         def by_positions(scored: Sequence[Scored]) -> tuple[jax.Array, list[jax.Array]]:
-            hidden, targets, weights = (jnp.concatenate(parts, axis=1) for parts in zip(*scored, strict=True))
+            hidden, targets, weights = (jnp.concatenate(parts, axis=1)
+                                        for parts in zip(*scored, strict=True))
             total, ce = weighted_cross_entropy(hidden, weight, targets, weights,
                                                vocab_major=vocab_major, chunk_tokens=token_chunk)
             ends = list(itertools.accumulate(t.shape[1] for _, t, _ in scored))
@@ -189,6 +190,7 @@ def head_cross_entropy(weight: jax.Array, vocab_major: bool, *, vocab_chunk: int
     if vocab_chunk < 1:
         raise ValueError(f"head_cross_entropy needs vocab_chunk or token_chunk > 0, got "
                          f"{vocab_chunk}, {token_chunk}")
+
     def by_vocabulary(hidden: jax.Array, targets: jax.Array) -> jax.Array:
         return chunked_cross_entropy(hidden, weight, targets, vocab_major=vocab_major,
                                      chunk_size=vocab_chunk)
@@ -211,8 +213,8 @@ def flare_loss(
 
     ``clean`` / ``noisy`` are what ``cross_entropy`` scores against the target tokens (one call,
     both streams): logits ``[B, L, V]`` (any float dtype) by default (``None``:
-    ``per_token(token_cross_entropy)``), or final-normed hidden
-    states ``[B, L, hidden]`` with :func:`head_cross_entropy`; the rest is ``[B, L]``. Metrics: ``loss``,
+    ``per_token(token_cross_entropy)``), or final-normed hidden states ``[B, L, hidden]`` with
+    :func:`head_cross_entropy`; the rest is ``[B, L]``. Metrics: ``loss``,
     ``ar_loss`` / ``diffusion_loss`` (mean cross-entropy per supervised token, unweighted),
     ``ar_tokens`` / ``diffusion_tokens`` (counts), and with ``elbo_weighting`` also
     ``diffusion_elbo_loss`` (mean of the ``1 / t``-weighted cross-entropy).

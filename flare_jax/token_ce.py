@@ -38,7 +38,8 @@ def weighted_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Ar
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
-    if targets.ndim != 2 or hidden.shape[:2] != targets.shape or token_weights.shape != targets.shape:
+    if (targets.ndim != 2 or hidden.shape[:2] != targets.shape
+            or token_weights.shape != targets.shape):
         raise ValueError("expected hidden [B, L, H] with targets and token_weights [B, L], got "
                          f"{hidden.shape}, {targets.shape}, {token_weights.shape}")
     rows, length = targets.shape
