@@ -61,10 +61,27 @@ def test_per_device_figures(runs):
     assert runs["one"]["collectives"]["all-gather"] == 0
 
 
-def test_batch_must_split_over_the_data_axes():
+def _benchmark_module():
     spec = importlib.util.spec_from_file_location("train_step_benchmark", BENCHMARK)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_variant_flag_spells_both_heads():
+    flag = _benchmark_module()._variant_flag
+    vocab = flag("flare,2,selective,8192")
+    assert (vocab.vocab_chunk, vocab.token_chunk, vocab.backend) == (8192, 0, "auto")
+    tokens = flag("causal,1,remat,t4096,reference")
+    assert (tokens.remat, tokens.vocab_chunk, tokens.token_chunk, tokens.backend) == (
+        "full", 0, 4096, "reference")
+    assert tokens.label() == "causal b1 remat full tokens 4096"
+    with pytest.raises(Exception, match="--variant wants"):
+        flag("flare,2,sometimes,8192")
+
+
+def test_batch_must_split_over_the_data_axes():
+    benchmark = _benchmark_module()
     mesh = AbstractMesh((2, 2, 1), ("data", "fsdp", "tensor"))
     benchmark.check_batch(8, mesh)
     with pytest.raises(SystemExit, match=r"--batch 6 must be a multiple of the batch shards \(4"):
