@@ -27,10 +27,15 @@ HEADS = {
     # 2 rows of 16 positions: causal 15 scored positions per row, FLARE 15 + 16 side by side
     # (unshifted diffusion term); steps of 5 positions per row, the last one padded with FLARE
     "token_chunks": {"vocab_chunk": 0, "token_chunk": 10},
+    # the same over 2 accumulated micro-batches of one row: each scales its forward-formed
+    # gradients by its own loss weight, and their sum must be the full batch's
+    "token_chunks_accum2": {"vocab_chunk": 0, "token_chunk": 10, "grad_accum": 2},
 }
 
 
 def _one_step(objective: str, tied: bool, head: dict[str, int]) -> tuple[dict, dict]:
+    """One SGD step (learning rate 1) with the head settings ``head`` (``StepConfig`` fields):
+    its metrics and the parameter change (the gradient)."""
     model_config, _, step_cfg = tiny_training()
     model_config = ModelConfig.from_dict({**model_config.to_dict(), "tie_word_embeddings": tied})
     step_cfg = dataclasses.replace(step_cfg, objective=objective, **head)
