@@ -28,6 +28,7 @@ def _tiny():
     ("mesh.tensor", 0, "config.mesh.tensor"),
     ("loss.ar_weight", -0.5, "config.loss.ar_weight"),
     ("checkpoint.keep", 0, "config.checkpoint.keep"),
+    ("train.token_chunk", -4, "config.train.token_chunk: expected an int >= 0"),
     ("workdir", "", "config.workdir"),
 ])
 def test_bad_values_name_the_field(field, value, message):
