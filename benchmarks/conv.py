@@ -1,24 +1,25 @@
-"""The Gated DeltaNet's causal depthwise conv + SiLU on one GPU: ours with the Pallas backward
-(``backend="gpu"``), autodiff of the same jnp forward (``backend="reference"``, what XLA fuses on
-its own), and XLA's depthwise ``conv_general_dilated`` + SiLU (one document, no handoff) on the
-same bf16 inputs; plain (four documents per row) and FLARE handoff (block 32). Shape defaults to
-one stream of a Qwen3.5-0.8B linear layer in the train-step benchmark (4096 tokens, conv dim
-6144, kernel 4). Milliseconds, median of 20 after a warm-up; also the largest gradient difference
-between ours and autodiff, and our backward kernels alone in one pass and in two
-(``gpu.conv_silu_bwd(passes=...)``; the model takes two).
+"""The Gated DeltaNet's causal depthwise conv + SiLU on one GPU: ours (``backend="gpu"``: Pallas
+forward and backward kernels), autodiff of the jnp forward (``backend="reference"``, what XLA
+fuses on its own), and XLA's depthwise ``conv_general_dilated`` + SiLU (one document, no handoff)
+on the same bf16 inputs; plain (four documents per row) and FLARE handoff (block 32). Shape
+defaults to one FLARE stream of a Qwen3.5-0.8B linear layer in the batch-4 train step (4 x 4096
+tokens, conv dim 6144, kernel 4). Milliseconds per call (10 calls back to back, median of 10 such
+runs, after a warm-up); also the largest gradient difference between ours and autodiff.
+``--sweep`` also times our kernels alone at each ``gpu.ConvTiling`` of ``SWEEP``.
 
-    python benchmarks/conv.py [--tokens 4096] [--channels 6144] [--json F]
+    python benchmarks/conv.py [--batch 4] [--tokens 4096] [--channels 6144] [--sweep] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from block_attention import timed
 
 from pallas_kernels.causal_conv import causal_conv_silu, gpu
 from pallas_kernels.causal_conv.api import pad_inputs
@@ -35,17 +36,33 @@ def xla_conv_silu(x: jax.Array, weight: jax.Array) -> jax.Array:
     return jax.nn.silu(out).astype(x.dtype)
 
 
+SWEEP = [gpu.ConvTiling(t, c, w) for t in (16, 32, 64) for c in (64, 128) for w in (4, 8)]
+
+
+def timed(fn, *args, calls: int = 10, iters: int = 10) -> float:
+    """Median milliseconds per call of ``calls`` back-to-back calls (compilation excluded)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) * 1e3 / calls)
+    return statistics.median(times)
+
+
 def gradients(fn):
     return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2), (0, 1)))
 
 
-def bench(tokens: int, channels: int, block_size: int) -> dict:
+def bench(batch: int, tokens: int, channels: int, block_size: int, sweep: bool) -> dict:
     keys = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(keys[0], (1, tokens, channels), jnp.bfloat16)
-    clean = jax.random.normal(keys[1], (1, tokens, channels), jnp.bfloat16)
+    x = jax.random.normal(keys[0], (batch, tokens, channels), jnp.bfloat16)
+    clean = jax.random.normal(keys[1], (batch, tokens, channels), jnp.bfloat16)
     weight = jax.random.normal(keys[2], (KERNEL, channels), jnp.float32) * 0.5
-    segment_ids = (jnp.arange(tokens) // 1024)[None].astype(jnp.int32)  # four documents
-    row = dict(tokens=tokens, channels=channels, block_size=block_size)
+    segment_ids = jnp.broadcast_to(jnp.arange(tokens) // 1024, (batch, tokens)).astype(jnp.int32)
+    row = dict(batch=batch, tokens=tokens, channels=channels, block_size=block_size)
     for mode in ("plain", "handoff"):
         def conv(backend, mode=mode):
             if mode == "plain":
@@ -55,11 +72,11 @@ def bench(tokens: int, channels: int, block_size: int) -> dict:
 
         second = weight if mode == "plain" else clean
         peers = [("ours", conv("gpu")), ("autodiff", conv("reference"))]
-        if mode == "plain":
+        if mode == "plain" and batch == 1:
             peers.append(("xla_conv", xla_conv_silu))
         for name, fn in peers:
-            row[f"{mode}_{name}_fwd"] = timed(jax.jit(fn), x, second, iters=20)
-            row[f"{mode}_{name}_fwd_bwd"] = timed(gradients(fn), x, second, iters=20)
+            row[f"{mode}_{name}_fwd"] = timed(jax.jit(fn), x, second)
+            row[f"{mode}_{name}_fwd_bwd"] = timed(gradients(fn), x, second)
         ours, auto = gradients(peers[0][1])(x, second), gradients(peers[1][1])(x, second)
         row[f"{mode}_max_rel_grad_diff"] = max(
             float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
@@ -68,23 +85,28 @@ def bench(tokens: int, channels: int, block_size: int) -> dict:
                                                      / row[f"{mode}_ours_fwd_bwd"])
         handoff = None if mode == "plain" else clean
         padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, KERNEL, clean=handoff)
-        bwd_block = None if handoff is None else block_size
-        for passes in (1, 2):
-            kernels = jax.jit(lambda px, pc, w, seg, dy, passes=passes, block=bwd_block:
-                              gpu.conv_silu_bwd(px, pc, w, seg, block, dy, passes=passes))
-            row[f"{mode}_bwd_kernels_{passes}_pass"] = timed(
-                kernels, padded_x, padded_clean, weight, padded_seg, x, iters=20)
+        block = None if handoff is None else block_size
+        for tiling in SWEEP if sweep else [gpu.DEFAULT_TILING]:
+            name = f"{mode}_t{tiling.block_t}_c{tiling.block_c}_w{tiling.num_warps}"
+            fwd = jax.jit(lambda px, pc, w, seg, tiling=tiling, block=block:
+                          gpu.conv_silu_fwd(px, pc, w, seg, block, tiling=tiling))
+            bwd = jax.jit(lambda px, pc, w, seg, dy, tiling=tiling, block=block:
+                          gpu.conv_silu_bwd(px, pc, w, seg, block, dy, tiling=tiling))
+            row[f"{name}_fwd_kernel"] = timed(fwd, padded_x, padded_clean, weight, padded_seg)
+            row[f"{name}_bwd_kernels"] = timed(bwd, padded_x, padded_clean, weight, padded_seg, x)
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--channels", type=int, default=6144)
     parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--sweep", action="store_true", help="time our kernels at every tiling")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    row = bench(args.tokens, args.channels, args.block_size)
+    row = bench(args.batch, args.tokens, args.channels, args.block_size, args.sweep)
     row["device"] = jax.devices()[0].device_kind
     print(json.dumps(row, indent=1))
     if args.json:

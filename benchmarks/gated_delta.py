@@ -266,12 +266,12 @@ class _Printed(dict):
         print(f"  stage {key}: {value:.3f} ms", flush=True)
 
 
-def bench_stages(b, t, h, d, backend) -> dict:
-    """Profile of the GPU path at one shape: each kernel timed alone (then launch variants), the
-    XLA glue as the difference of the preparation with and without it, the whole pass at chunk
-    32."""
+def bench_stages(b, t, h, d, backend, chunk: int = 64) -> dict:
+    """Profile of the GPU path at one shape and chunk: each kernel timed alone (then launch
+    variants), the XLA glue as the difference of the preparation with and without it, the whole
+    pass at chunk 32."""
     interpret = backend.endswith("_interpret")
-    chunk, scale, bf16 = 64, d**-0.5, jnp.bfloat16
+    scale, bf16 = d**-0.5, jnp.bfloat16
     (q, k, v, g, beta), _ = make_inputs(jax.random.PRNGKey(0), b, t, h, h, d, d, bf16)
     reset = jnp.zeros((b, t), bool)
     stream = api._gpu_prepare(q, k, v, g, beta, reset, chunk, scale, bf16)  # noqa: SLF001
@@ -323,7 +323,8 @@ def bench_stages(b, t, h, d, backend) -> dict:
     args = (q, k, v, g, beta)
     r["fwd_chunk32"] = timeit(forward_fn(backend, chunk_size=32), *args)
     r["fwd_bwd_chunk32"] = timeit(fwd_bwd_fn(backend, chunk_size=32), *args)
-    r["solve_w4"], r["solve_w8"], r["prepare_bwd_w8"] = solve(4), solve(8), prep_bwd(8)
+    r["solve_w4"], r["solve_w8"] = solve(4), solve(8)
+    r["prepare_bwd_w2"], r["prepare_bwd_w8"] = prep_bwd(2), prep_bwd(8)
     return dict(r)
 
 
@@ -412,6 +413,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=SHAPES, help="B x T x H x D, comma separated")
     parser.add_argument("--handoff", default=HANDOFF, help="B x T x H x D of the clean stream")
     parser.add_argument("--stages", action="store_true", help="profile at the first shape")
+    parser.add_argument("--stages-chunk", type=int, default=64, help="chunk of the --stages profile")
     parser.add_argument("--kernels", action="store_true", help="per-kernel device time at the first shape")
     parser.add_argument("--no-peers", action="store_true", help="skip the XLA reference and fla")
     parser.add_argument("--extra-chunks", default="", help="also time ours at these chunk sizes")
@@ -467,7 +469,7 @@ def main() -> None:
             results["kernels"] = guarded(bench_kernels, *shape, args.backend)
             save()
         if args.stages and within_budget("stages"):
-            results["stages"] = r = guarded(bench_stages, *shape, args.backend)
+            results["stages"] = r = guarded(bench_stages, *shape, args.backend, args.stages_chunk)
             print(f"stages at {name} (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
             save()
         for bs in (32, 64):  # before the larger shapes: a call cut short still has them

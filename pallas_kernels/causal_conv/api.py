@@ -1,8 +1,6 @@
-"""Public causal conv + SiLU: padding, backend dispatch and the GPU kernel's custom VJP."""
+"""Public causal conv + SiLU: padding, backend dispatch and the GPU kernels' custom VJP."""
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,28 +10,35 @@ from pallas_kernels.backend import resolve_backend
 from pallas_kernels.causal_conv import gpu, reference
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _with_gpu_backward(padded_x, padded_clean, weight, padded_seg, block_size, interpret):
-    return reference.conv_silu(padded_x, padded_clean, weight, padded_seg, block_size)
+def _gpu_forward(x, context, clean, weight, segment_ids, block_size, interpret):
+    padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, weight.shape[0],
+                                                    context=context, clean=clean)
+    return gpu.conv_silu_fwd(padded_x, padded_clean, weight, padded_seg, block_size,
+                             interpret=interpret)
 
 
-def _fwd(padded_x, padded_clean, weight, padded_seg, block_size, interpret):
-    # The residuals are not named (``pallas_kernels.residuals``): they are the padded inputs, a
-    # cheap copy of what the caller keeps (the projection's output) that a remat policy should
-    # rebuild rather than store a second time.
-    out = reference.conv_silu(padded_x, padded_clean, weight, padded_seg, block_size)
-    return out, (padded_x, padded_clean, weight, padded_seg)
+_gpu_conv = jax.custom_vjp(_gpu_forward, nondiff_argnums=(5, 6))
+
+
+def _fwd(x, context, clean, weight, segment_ids, block_size, interpret):
+    # The residuals are the caller's arrays (the projection's output, which a remat policy
+    # keeps); the padded copies are rebuilt in the backward pass.
+    out = _gpu_forward(x, context, clean, weight, segment_ids, block_size, interpret)
+    return out, (x, context, clean, weight, segment_ids)
 
 
 def _bwd(block_size, interpret, residuals, d_out):
-    padded_x, padded_clean, weight, padded_seg = residuals
+    x, context, clean, weight, segment_ids = residuals
+    padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, weight.shape[0],
+                                                    context=context, clean=clean)
     grads = gpu.conv_silu_bwd(padded_x, padded_clean, weight, padded_seg, block_size, d_out,
                               interpret=interpret)
-    return (grads.d_x, grads.d_clean, grads.d_weight.astype(weight.dtype),
-            np.zeros(padded_seg.shape, jax.dtypes.float0))
+    d_context = None if context is None else grads.d_context.astype(context.dtype)
+    return (grads.d_x, d_context, grads.d_clean, grads.d_weight.astype(weight.dtype),
+            np.zeros(segment_ids.shape, jax.dtypes.float0))
 
 
-_with_gpu_backward.defvjp(_fwd, _bwd)
+_gpu_conv.defvjp(_fwd, _bwd)
 
 
 def pad_inputs(x: jax.Array, segment_ids: jax.Array, kernel: int, *,
@@ -66,19 +71,19 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
         ``x[:, 0]``'s document and already zeroed where they do not; zeros when None.
       clean, block_size: FLARE handoff. ``x`` is then the noisy stream of a row that starts on a
         block boundary, and taps that reach before the start of ``t``'s block read ``clean``.
-      backend: the forward is XLA's everywhere (one elementwise fusion); ``gpu`` takes the
-        backward from a Pallas kernel (``gpu_interpret``: in interpret mode), every other backend
-        from autodiff of the jnp forward.
+      backend: ``gpu`` runs the forward and the backward as Pallas kernels (``gpu_interpret``:
+        in interpret mode); every other backend runs the jnp forward (one XLA fusion) and its
+        autodiff.
     """
     if clean is None:
         block_size = None
     elif not block_size or block_size < 1:
         raise ValueError(f"causal_conv_silu: a clean stream (FLARE handoff) needs a positive "
                          f"block_size, got {block_size!r}")
-    padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, weight.shape[0],
-                                                    context=context, clean=clean)
     backend = resolve_backend(backend)
     if backend in ("gpu", "gpu_interpret"):
-        return _with_gpu_backward(padded_x, padded_clean, weight, padded_seg, block_size,
-                                  backend == "gpu_interpret")
+        return _gpu_conv(x, context, clean, weight, segment_ids, block_size,
+                         backend == "gpu_interpret")
+    padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, weight.shape[0],
+                                                    context=context, clean=clean)
     return reference.conv_silu(padded_x, padded_clean, weight, padded_seg, block_size)

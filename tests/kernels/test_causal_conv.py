@@ -1,7 +1,7 @@
 """Causal depthwise conv + SiLU: the jnp reference against a per-position loop, and the Pallas GPU
-backward (interpret mode) against autodiff of the reference: gradients of the inputs, the weight,
-the decoding context and, in FLARE handoff, the clean stream; packed documents; lengths that are
-not a multiple of the kernel's tile; the Triton lowering."""
+forward and backward (interpret mode) against the reference and its autodiff: gradients of the
+inputs, the weight, the decoding context and, in FLARE handoff, the clean stream; packed
+documents; lengths that are not a multiple of the kernel's tile; the Triton lowering."""
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +77,7 @@ def test_gpu_backward_matches_autodiff(block_size, length, channels):
     args = (x, weight, context, clean)
     (got, got_out) = jax.grad(loss, (1, 2, 3, 4), has_aux=True)("gpu_interpret", *args)
     (want, want_out) = jax.grad(loss, (1, 2, 3, 4), has_aux=True)("reference", *args)
-    np.testing.assert_array_equal(got_out, want_out)  # same forward on both backends
+    np.testing.assert_allclose(got_out, want_out, **TOL)  # kernel forward vs the jnp one
     for name, a, b in zip(("x", "weight", "context", "clean"), got, want, strict=True):
         np.testing.assert_allclose(a, b, err_msg=name, **TOL)
     if block_size is None:
@@ -86,53 +86,55 @@ def test_gpu_backward_matches_autodiff(block_size, length, channels):
         assert np.any(got[3])  # the handoff taps read the clean stream
 
 
+TILINGS = [gpu.ConvTiling(16, 16, 4), gpu.ConvTiling(32, 32, 4), gpu.ConvTiling(64, 16, 8)]
+
+
+@pytest.mark.parametrize("tiling", TILINGS)
 @pytest.mark.parametrize("block_size", [None, 4, 32])
-def test_two_pass_backward_equals_one_pass_and_autodiff(block_size):
-    """The two-pass kernels (``d_pre`` stored once, then its shifted sums) give the one-pass
-    kernel's gradients: the same products summed in the same order."""
+def test_kernels_match_reference_at_every_tiling(block_size, tiling):
+    """Forward and backward kernels at the tilings ``benchmarks/conv.py --sweep`` times: outputs,
+    and gradients of the row, the context rows, the clean stream and the weight, against the jnp
+    forward and its autodiff on the padded inputs (70 positions: the last tile partly past the
+    end at every tile size)."""
     x, clean, context, weight, cotangent, segment_ids = case(length=70, channels=32)
     handoff = None if block_size is None else clean
-    padded = pad_inputs(x, segment_ids, KERNEL, context=context, clean=handoff)
-    padded_x, padded_clean, padded_seg = padded
-    one, two = (gpu.conv_silu_bwd(padded_x, padded_clean, weight, padded_seg, block_size,
-                                  cotangent, passes=passes, interpret=True) for passes in (1, 2))
-    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, KERNEL, context=context,
+                                                    clean=handoff)
+    out = gpu.conv_silu_fwd(padded_x, padded_clean, weight, padded_seg, block_size, tiling=tiling,
+                            interpret=True)
+    grads = gpu.conv_silu_bwd(padded_x, padded_clean, weight, padded_seg, block_size, cotangent,
+                              tiling=tiling, interpret=True)
 
     def forward(padded_x, padded_clean, weight):
-        return jnp.sum(reference.conv_silu(padded_x, padded_clean, weight, padded_seg,
-                                           block_size) * cotangent)
+        return reference.conv_silu(padded_x, padded_clean, weight, padded_seg, block_size)
 
-    want = jax.grad(forward, (0, 1, 2))(padded_x, padded_clean, weight)
-    np.testing.assert_allclose(two.d_x, want[0], **TOL)
-    np.testing.assert_allclose(two.d_weight, want[2], **TOL)
+    np.testing.assert_allclose(out, forward(padded_x, padded_clean, weight), **TOL)
+    want = jax.grad(lambda *a: jnp.sum(forward(*a) * cotangent), (0, 1, 2))(
+        padded_x, padded_clean, weight)
+    pad = KERNEL - 1
+    np.testing.assert_allclose(grads.d_x, want[0][:, pad:], **TOL)
+    np.testing.assert_allclose(grads.d_context, want[0][:, :pad], **TOL)
+    np.testing.assert_allclose(grads.d_weight, want[2], **TOL)
     if block_size is not None:
-        np.testing.assert_allclose(two.d_clean, want[1], **TOL)
+        np.testing.assert_allclose(grads.d_clean, want[1][:, pad:], **TOL)
 
 
-@pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("block_size", [None, 32])
-def test_gpu_backward_lowers_to_triton(passes, block_size):
-    """The backward is ``passes`` Triton kernels, lowered for CUDA on this CPU-only machine (the
-    model's path, through the custom VJP, for two passes, the default)."""
+def test_gpu_path_lowers_to_triton(block_size):
+    """Forward and backward through the custom VJP (the model's path) are three Triton kernels,
+    lowered for CUDA on this CPU-only machine."""
     x = jnp.zeros((2, 64, 256), jnp.bfloat16)
     weight = jnp.zeros((KERNEL, 256))
     segment_ids = jnp.zeros((2, 64), jnp.int32)
     clean = None if block_size is None else x
 
-    if passes == 2:
-        def grads(x, weight, clean):
-            handoff = {} if clean is None else dict(clean=clean, block_size=block_size)
-            return jax.grad(lambda x, w: jnp.sum(causal_conv_silu(
-                x, w, segment_ids, backend="gpu", **handoff).astype(jnp.float32)), (0, 1))(x, weight)
-    else:
-        def grads(x, weight, clean):
-            padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, KERNEL, clean=clean)
-            return gpu.conv_silu_bwd(padded_x, padded_clean, weight, padded_seg, block_size,
-                                     x, passes=1)
+    def grads(x, weight, clean):
+        handoff = {} if clean is None else dict(clean=clean, block_size=block_size)
+        return jax.grad(lambda x, w: jnp.sum(causal_conv_silu(
+            x, w, segment_ids, backend="gpu", **handoff).astype(jnp.float32)), (0, 1))(x, weight)
 
     text = jax.jit(grads).trace(x, weight, clean).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == passes
+    assert text.count("__gpu$xla.gpu.triton") == 3
 
 
 def test_handoff_without_block_size_is_an_error():
@@ -150,3 +152,6 @@ def test_gpu_backward_rejects_shapes_off_its_tiles(kernel, channels, message):
     with pytest.raises(ValueError, match=message):
         gpu.conv_silu_bwd(x, None, jnp.zeros((kernel, channels)), jnp.zeros((1, 8), jnp.int32),
                           None, jnp.zeros((1, 9 - kernel, channels)))
+    with pytest.raises(ValueError, match=message):
+        gpu.conv_silu_fwd(x, None, jnp.zeros((kernel, channels)), jnp.zeros((1, 8), jnp.int32),
+                          None)
