@@ -21,6 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from flare_jax.logsumexp import online_logsumexp
 from flare_jax.vocab_ce import matmul_precision
 
 
@@ -78,7 +79,7 @@ def _scan(vocab_major: bool, per_row: int, hidden: jax.Array, weight: jax.Array,
         h, t, w = xs  # [B, C, H], [B, C], [B, C]: padded positions have weight 0
         logits = jnp.einsum(f"bch,{w_dims}->bcv", h, head, preferred_element_type=jnp.float32,
                             precision=precision)
-        lse = jax.nn.logsumexp(logits, axis=-1)
+        lse = online_logsumexp(logits, axis=-1)  # one pass over the logits, not two
         ce = lse - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         if not with_grads:
             return d_weight, (ce, None)

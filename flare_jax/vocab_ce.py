@@ -21,6 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from flare_jax.logsumexp import max_sum_exp, merge_max_sum
+
 
 def chunked_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Array, *,
                           vocab_major: bool, chunk_size: int = 8192) -> jax.Array:
@@ -72,13 +74,12 @@ def _forward(vocab_major: bool, chunk_size: int, hidden: jax.Array, weight: jax.
     def body(i, carry):
         running_max, running_sum, target_logit = carry
         _, _, logits, ids = _chunk(hidden, weight, i, vocab_major, chunk_size)
-        new_max = jnp.maximum(running_max, logits.max(axis=-1))
-        running_sum = (running_sum * jnp.exp(running_max - new_max)
-                       + jnp.exp(logits - new_max[:, None]).sum(axis=-1))
+        # the chunk's max and sum of exponentials in one pass, merged into the running pair
+        running_max, running_sum = merge_max_sum((running_max, running_sum), max_sum_exp(logits))
         # the target's column, unless an earlier chunk owns it (masked to -inf here)
         hit = (ids[None, :] == targets[:, None]) & (logits > -jnp.inf)
         target_logit = target_logit + jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
-        return new_max, running_sum, target_logit
+        return running_max, running_sum, target_logit
 
     n = hidden.shape[0]
     init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
