@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.causal_conv import causal_conv_silu, gpu
-from pallas_kernels.causal_conv.api import pad_inputs
 
 KERNEL = 4
 
@@ -36,7 +35,11 @@ def xla_conv_silu(x: jax.Array, weight: jax.Array) -> jax.Array:
     return jax.nn.silu(out).astype(x.dtype)
 
 
-SWEEP = [gpu.ConvTiling(t, c, w) for t in (16, 32, 64) for c in (64, 128) for w in (4, 8)]
+# 28 tilings around the best of the former 12 (32 positions, 64 / 128 channels, 4 / 8 warps): one
+# tile per program, or 4 or 8 walked in a loop at 1-3 pipeline stages.
+LOOPS = [(1, 1)] + [(tiles, stages) for tiles in (4, 8) for stages in (1, 2, 3)]
+SWEEP = [gpu.ConvTiling(32, c, w, tiles, stages) for c in (64, 128) for w in (4, 8)
+         for tiles, stages in LOOPS]
 
 
 def timed(fn, *args, calls: int = 10, iters: int = 10) -> float:
@@ -84,16 +87,16 @@ def bench(batch: int, tokens: int, channels: int, block_size: int, sweep: bool) 
         row[f"{mode}_autodiff_over_ours_fwd_bwd"] = (row[f"{mode}_autodiff_fwd_bwd"]
                                                      / row[f"{mode}_ours_fwd_bwd"])
         handoff = None if mode == "plain" else clean
-        padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, KERNEL, clean=handoff)
         block = None if handoff is None else block_size
-        for tiling in SWEEP if sweep else [gpu.DEFAULT_TILING]:
-            name = f"{mode}_t{tiling.block_t}_c{tiling.block_c}_w{tiling.num_warps}"
-            fwd = jax.jit(lambda px, pc, w, seg, tiling=tiling, block=block:
-                          gpu.conv_silu_fwd(px, pc, w, seg, block, tiling=tiling))
-            bwd = jax.jit(lambda px, pc, w, seg, dy, tiling=tiling, block=block:
-                          gpu.conv_silu_bwd(px, pc, w, seg, block, dy, tiling=tiling))
-            row[f"{name}_fwd_kernel"] = timed(fwd, padded_x, padded_clean, weight, padded_seg)
-            row[f"{name}_bwd_kernels"] = timed(bwd, padded_x, padded_clean, weight, padded_seg, x)
+        for tiling in SWEEP if sweep else [gpu.FWD_TILING, gpu.BWD_TILING]:
+            name = (f"{mode}_t{tiling.block_t}_c{tiling.block_c}_w{tiling.num_warps}"
+                    f"_r{tiling.tiles_per_program}_s{tiling.num_stages}")
+            fwd = jax.jit(lambda x, c, w, seg, tiling=tiling, block=block:
+                          gpu.conv_silu_fwd(x, None, c, w, seg, block, tiling=tiling))
+            bwd = jax.jit(lambda x, c, w, seg, dy, tiling=tiling, block=block:
+                          gpu.conv_silu_bwd(x, None, c, w, seg, block, dy, tiling=tiling))
+            row[f"{name}_fwd_kernel"] = timed(fwd, x, handoff, weight, segment_ids)
+            row[f"{name}_bwd_kernels"] = timed(bwd, x, handoff, weight, segment_ids, x)
     return row
 
 

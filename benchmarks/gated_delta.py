@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.gated_delta import api, gpu, gpu_pass, gpu_prep, reference
+from pallas_kernels.gated_delta import api, gpu, gpu_cotangents, gpu_pass, gpu_prep, reference
 
 F32 = jnp.float32
 
@@ -268,8 +268,8 @@ class _Printed(dict):
 
 def bench_stages(b, t, h, d, backend, chunk: int = 64) -> dict:
     """Profile of the GPU path at one shape and chunk: each kernel timed alone (then launch
-    variants), the XLA glue as the difference of the preparation with and without it, the whole
-    pass at chunk 32."""
+    variants), the XLA glue as the difference of the preparation with and without it, the chunk
+    cotangents' kernel next to their XLA form, the whole pass at chunk 32."""
     interpret = backend.endswith("_interpret")
     scale, bf16 = d**-0.5, jnp.bfloat16
     (q, k, v, g, beta), _ = make_inputs(jax.random.PRNGKey(0), b, t, h, h, d, d, bf16)
@@ -319,6 +319,33 @@ def bench_stages(b, t, h, d, backend, chunk: int = 64) -> dict:
         return reference.chunk_cotangents(ct, h_states, do, du, dh_next), ds0
 
     r["scan_bwd_with_xla_matmuls"] = timeit(jax.jit(scan_vjp), ct, h_states, do, s0)
+    # The chunk tensors' cotangents alone, XLA (the matmuls and the casts to bf16 the backward ran
+    # before the kernel) vs the kernel, on the same inputs; then with the handoff's noisy stream
+    # in the same call (other values, so that XLA cannot share its work), and the kernel after the
+    # reverse scan.
+    du, dh_next, *_ = jax.jit(functools.partial(gpu.scan_bwd, interpret=interpret))(ct, do, s0, None)
+    cot_in = (ct, h_states, do, du, dh_next)
+    kernel_cots = functools.partial(gpu_cotangents.chunk_cotangents, interpret=interpret)
+    r["chunk_cotangents_xla"] = timeit(jax.jit(gpu_cotangents.xla_chunk_cotangents), *cot_in)
+    r["chunk_cotangents_kernel"] = timeit(jax.jit(kernel_cots), *cot_in)
+    side = ct._replace(w=jnp.flip(ct.w, 0), u0=jnp.flip(ct.u0, 0))
+    side_in = (side, jnp.flip(do, 0), jnp.flip(du, 0))
+
+    def xla_two_streams(ct, h, do, du, dh_next, side, do_n, du_n):
+        xla = gpu_cotangents.xla_chunk_cotangents
+        return xla(ct, h, do, du, dh_next), xla(side, h, do_n, du_n, None)
+
+    def kernel_two_streams(ct, h, do, du, dh_next, side, do_n, du_n):
+        return kernel_cots(ct, h, do, du, dh_next, noisy=side, do_noisy=do_n, du_noisy=du_n)
+
+    r["chunk_cotangents_xla_two_streams"] = timeit(jax.jit(xla_two_streams), *cot_in, *side_in)
+    r["chunk_cotangents_kernel_two_streams"] = timeit(jax.jit(kernel_two_streams), *cot_in, *side_in)
+
+    def scan_vjp_kernel(ct, h_states, do, ds):  # the reverse scan and the cotangent kernel
+        du, dh_next, ds0, _ = gpu.scan_bwd(ct, do, ds, None, interpret=interpret)
+        return kernel_cots(ct, h_states, do, du, dh_next), ds0
+
+    r["scan_bwd_with_cotangent_kernel"] = timeit(jax.jit(scan_vjp_kernel), ct, h_states, do, s0)
 
     args = (q, k, v, g, beta)
     r["fwd_chunk32"] = timeit(forward_fn(backend, chunk_size=32), *args)

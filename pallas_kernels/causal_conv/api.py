@@ -11,9 +11,7 @@ from pallas_kernels.causal_conv import gpu, reference
 
 
 def _gpu_forward(x, context, clean, weight, segment_ids, block_size, interpret):
-    padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, weight.shape[0],
-                                                    context=context, clean=clean)
-    return gpu.conv_silu_fwd(padded_x, padded_clean, weight, padded_seg, block_size,
+    return gpu.conv_silu_fwd(x, context, clean, weight, segment_ids, block_size,
                              interpret=interpret)
 
 
@@ -22,16 +20,14 @@ _gpu_conv = jax.custom_vjp(_gpu_forward, nondiff_argnums=(5, 6))
 
 def _fwd(x, context, clean, weight, segment_ids, block_size, interpret):
     # The residuals are the caller's arrays (the projection's output, which a remat policy
-    # keeps); the padded copies are rebuilt in the backward pass.
+    # keeps).
     out = _gpu_forward(x, context, clean, weight, segment_ids, block_size, interpret)
     return out, (x, context, clean, weight, segment_ids)
 
 
 def _bwd(block_size, interpret, residuals, d_out):
     x, context, clean, weight, segment_ids = residuals
-    padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, weight.shape[0],
-                                                    context=context, clean=clean)
-    grads = gpu.conv_silu_bwd(padded_x, padded_clean, weight, padded_seg, block_size, d_out,
+    grads = gpu.conv_silu_bwd(x, context, clean, weight, segment_ids, block_size, d_out,
                               interpret=interpret)
     d_context = None if context is None else grads.d_context.astype(context.dtype)
     return (grads.d_x, d_context, grads.d_clean, grads.d_weight.astype(weight.dtype),

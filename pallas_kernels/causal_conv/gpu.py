@@ -1,16 +1,22 @@
 """Pallas GPU (Triton lowering) kernels of the causal depthwise conv + SiLU: forward and backward.
 
-Every kernel runs on grid ``(row, tile of BLOCK_T positions, tile of BLOCK_C channels)`` and reads
-the padded inputs of :func:`api.pad_inputs` (``K - 1`` context rows, then the row), whose padded
-row ``t + K - 1 - j`` is tap ``j`` of output ``t``: the taps of a tile of outputs are ``K`` loads
-of ``BLOCK_T`` rows at fixed shifts, all in bounds, so no array is padded again (the wrapper pads
-the end only where the length is not a whole number of tiles).
+Every kernel runs on grid ``(row, run of R tiles of BLOCK_T positions, tile of BLOCK_C channels)``
+(``R = ConvTiling.tiles_per_program``): a program loads its channels' weights once, then walks its
+``R`` consecutive position tiles in a loop (whose loads Triton can pipeline, ``num_stages``). Tap
+``j`` of output ``t`` is input ``t - j``: the taps of a tile of outputs are ``K`` loads of
+``BLOCK_T`` rows at fixed shifts of the row itself, except in the first tile, whose taps read a
+small ``[B, BLOCK_T + K - 1, C]`` copy of its inputs behind the ``K - 1`` context rows. So the
+rows are read where they are, not through a padded copy (the wrapper pads the end only where the
+length is not a whole number of runs of tiles); segment ids are padded like
+:func:`api.pad_inputs` pads them.
 
 - forward: ``silu(pre)``, ``pre = sum_j weight[K-1-j] tap_j`` (masked to the output's document;
   in the FLARE handoff a tap that reaches before the start of the output's block reads the clean
   stream);
 - backward, first kernel: ``d_pre = dy silu'(pre)`` (pre recomputed from the taps) stored once in
-  fp32, and one weight-gradient partial sum per tile;
+  fp32; the weight-gradient products ``d_pre tap_j`` are summed elementwise in ``K`` fp32
+  ``[BLOCK_T, BLOCK_C]`` accumulators over the program's tiles and reduced over positions once,
+  one partial sum per program;
 - backward, second kernel: the gradient of input ``q``, ``sum_j weight[K-1-j] d_pre[q + j]`` over
   the outputs that read it (split between the row and the clean stream in the handoff), from
   ``K`` shifted loads of the stored ``d_pre``.
@@ -23,8 +29,10 @@ with ten ``[T, C]`` outputs: 1.3 ms per layer at ``[4096, 6144]`` in the H200 tr
 
 from __future__ import annotations
 
+import copy
 import functools
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,14 +46,22 @@ F32 = jnp.float32
 
 
 class ConvTiling(NamedTuple):
-    """Launch parameters of the conv kernels (``benchmarks/conv.py --sweep`` times others)."""
+    """Launch parameters of the conv kernels (``benchmarks/conv.py --sweep`` times others): tile
+    sizes, ``tiles_per_program`` consecutive position tiles per program, Triton's warps and
+    pipeline stages."""
 
     block_t: int = 32
     block_c: int = 128
     num_warps: int = 4
+    tiles_per_program: int = 1
+    num_stages: int = 1
 
 
-DEFAULT_TILING = ConvTiling()
+# H200, [4, 4096, 6144] bf16, plain / FLARE handoff (block 32), ms, of 12 tilings swept
+# (docs/performance.md, "Train step"): forward 0.181 / 0.211 (32 x 128 positions x channels,
+# 4 warps: 0.206 / 0.233); backward 0.645 / 0.806 (32 x 64, 4 warps; 32 x 128: 0.868 / 0.906).
+FWD_TILING = ConvTiling(32, 128, 8)
+BWD_TILING = ConvTiling(32, 64, 4)
 
 
 class ConvGrads(NamedTuple):
@@ -59,22 +75,54 @@ class ConvGrads(NamedTuple):
 
 
 class _Tile:
-    """One program's tile: row ``b``, positions ``[t0, t0 + BLOCK_T)``, channels ``cs``."""
+    """One tile of a program: row ``b``, positions ``[t0, t0 + BLOCK_T)`` (set by :meth:`walk`),
+    channels ``cs``."""
 
-    def __init__(self, kernel: int, block_t: int, block_c: int, block_size: int | None, w_ref,
-                 seg_ref):
-        self.pad, self.block_t, self.block_size, self.seg_ref = kernel - 1, block_t, block_size, seg_ref
-        self.b, i, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        self.t0 = pl.multiple_of(i * block_t, block_t)
+    def __init__(self, w_ref, seg_ref, *, kernel: int, block_t: int, block_c: int,
+                 block_size: int | None, tiles_per_program: int):
+        self.pad, self.block_t, self.block_c = kernel - 1, block_t, block_c
+        self.block_size, self.seg_ref, self.tiles_per_program = block_size, seg_ref, tiles_per_program
+        self.b, c = pl.program_id(0), pl.program_id(2)
+        self.t0: jax.Array | None = None
         self.cs = pl.ds(pl.multiple_of(c * block_c, block_c), block_c)
         self.weight = [w_ref[j, self.cs].astype(F32)[None, :] for j in range(kernel)]
 
-    def rows(self, ref, shift: int) -> jax.Array:
+    def walk(self, body: Callable[[_Tile, Any], Any], init: Any) -> Any:
+        """``carry = body(tile, carry)`` at the program's ``R`` consecutive tiles in turn, in a
+        loop; the last carry."""
+        first = pl.program_id(1) * self.tiles_per_program
+
+        def step(k: jax.Array, carry: Any) -> Any:
+            tile = copy.copy(self)
+            tile.t0 = pl.multiple_of((first + k) * self.block_t, self.block_t)
+            return body(tile, carry)
+
+        return jax.lax.fori_loop(0, self.tiles_per_program, step, init)
+
+    def zeros(self) -> jax.Array:
+        return jnp.zeros((self.block_t, self.block_c), F32)
+
+    def rows(self, ref, shift: int = 0) -> jax.Array:
         """Rows ``t0 + shift + [0, BLOCK_T)`` of a ``[B, rows, C]`` ref."""
         return ref[self.b, pl.ds(self.t0 + shift, self.block_t), self.cs]
 
+    def store(self, ref, value: jax.Array) -> None:
+        """``value`` into rows ``t0 + [0, BLOCK_T)`` of a ``[B, rows, C]`` ref, in its dtype."""
+        ref[self.b, pl.ds(self.t0, self.block_t), self.cs] = value.astype(ref.dtype)
+
     def segs(self, shift: int) -> jax.Array:
+        """Padded segment ids (``K - 1`` rows before the row) from row ``t0 + shift``."""
         return self.seg_ref[self.b, pl.ds(self.t0 + shift, self.block_t)]
+
+    def behind(self, ref, head_ref, back: int) -> jax.Array:
+        """Rows ``t0 - back + [0, BLOCK_T)`` of the row ``ref``; the first tile reads them from
+        ``head_ref`` (the context rows, then the first tile's inputs)."""
+        if back == 0:
+            return self.rows(ref)
+        return jax.lax.cond(
+            self.t0 == 0,
+            lambda: head_ref[self.b, pl.ds(self.pad - back, self.block_t), self.cs],
+            lambda: self.rows(ref, -back))
 
     def crosses_block(self, positions: jax.Array, back: int) -> jax.Array | None:
         """Whether tap ``back`` of the outputs at ``positions`` reaches before their block (None
@@ -83,16 +131,16 @@ class _Tile:
             return None
         return (positions % self.block_size < back)[:, None]
 
-    def taps(self, x_ref, clean_ref) -> list[jax.Array]:
+    def taps(self, rows: _Rows) -> list[jax.Array]:
         """The masked fp32 taps ``j = 0..K-1`` of the tile's outputs."""
         own = self.segs(self.pad)
         outputs = self.t0 + jnp.arange(self.block_t)
         taps = []
         for back in range(self.pad + 1):
-            tap = self.rows(x_ref, self.pad - back)
-            crosses = self.crosses_block(outputs, back) if clean_ref is not None else None
+            tap = self.behind(rows.x, rows.x_head, back)
+            crosses = self.crosses_block(outputs, back) if rows.clean is not None else None
             if crosses is not None:
-                tap = jnp.where(crosses, self.rows(clean_ref, self.pad - back), tap)
+                tap = jnp.where(crosses, self.behind(rows.clean, rows.clean_head, back), tap)
             same_doc = (self.segs(self.pad - back) == own)[:, None]
             taps.append(jnp.where(same_doc, tap.astype(F32), 0.0))
         return taps
@@ -101,87 +149,107 @@ class _Tile:
         return sum(tap * self.weight[self.pad - back] for back, tap in enumerate(taps))
 
 
-def _fwd_kernel(x_ref, clean_ref, seg_ref, w_ref, out_ref, *, kernel: int, block_t: int,
-                block_c: int, block_size: int | None):
-    tile = _Tile(kernel, block_t, block_c, block_size, w_ref, seg_ref)
-    out_ref[...] = jax.nn.silu(tile.pre(tile.taps(x_ref, clean_ref))).astype(out_ref.dtype)
+class _Rows(NamedTuple):
+    """Refs of the conv's inputs: the row and the first tile's copy behind the context rows, the
+    same for the clean stream (None without handoff)."""
+
+    x: Any
+    x_head: Any
+    clean: Any
+    clean_head: Any
 
 
-def _d_pre_kernel(x_ref, clean_ref, seg_ref, w_ref, dy_ref, dpre_ref, dw_ref, *, kernel: int,
-                  block_t: int, block_c: int, block_size: int | None):
-    """``d_pre`` of the tile's outputs (fp32) and their weight-gradient partial sum."""
-    tile = _Tile(kernel, block_t, block_c, block_size, w_ref, seg_ref)
-    taps = tile.taps(x_ref, clean_ref)
-    pre = tile.pre(taps)
-    sig = jax.nn.sigmoid(pre)
-    d_pre = dy_ref[...].astype(F32) * sig * (1.0 + pre * (1.0 - sig))
-    dpre_ref[...] = d_pre
-    for back, tap in enumerate(taps):
-        dw_ref[tile.pad - back, :] = jnp.sum(d_pre * tap, axis=0)
+def _fwd_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, out_ref, **shape: int | None):
+    rows = _Rows(x_ref, x_head, clean_ref, clean_head)
+
+    def step(tile: _Tile, carry: tuple) -> tuple:
+        tile.store(out_ref, jax.nn.silu(tile.pre(tile.taps(rows))))
+        return carry
+
+    _Tile(w_ref, seg_ref, **shape).walk(step, ())
 
 
-def _input_grads_kernel(seg_ref, w_ref, dpre_ref, dx_ref, dclean_ref=None, *, kernel: int, block_t: int,
-                        block_c: int, block_size: int | None, length: int):
+def _d_pre_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, dy_ref, dpre_ref, dw_ref,
+                  **shape: int | None):
+    """``d_pre`` of the program's outputs (fp32) and their weight-gradient partial sum."""
+    program = _Tile(w_ref, seg_ref, **shape)
+    rows = _Rows(x_ref, x_head, clean_ref, clean_head)
+
+    def step(tile: _Tile, sums: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        taps = tile.taps(rows)
+        pre = tile.pre(taps)
+        sig = jax.nn.sigmoid(pre)
+        d_pre = tile.rows(dy_ref).astype(F32) * sig * (1.0 + pre * (1.0 - sig))
+        tile.store(dpre_ref, d_pre)
+        return tuple(total + d_pre * tap for total, tap in zip(sums, taps, strict=True))
+
+    sums = program.walk(step, tuple(program.zeros() for _ in range(program.pad + 1)))
+    for back, total in enumerate(sums):
+        dw_ref[program.pad - back, :] = jnp.sum(total, axis=0)
+
+
+def _input_grads_kernel(seg_ref, w_ref, dpre_ref, dx_ref, dclean_ref=None, *, length: int,
+                        **shape: int | None):
     """Gradients of the tile's inputs ``q``: tap ``j`` of output ``q + j`` read them."""
-    tile = _Tile(kernel, block_t, block_c, block_size, w_ref, seg_ref)
-    own = tile.segs(tile.pad)
-    inputs = tile.t0 + jnp.arange(block_t)
-    d_x = d_clean = jnp.zeros((block_t, block_c), F32)
-    for back in range(tile.pad + 1):
-        readers = inputs + back
-        valid = ((readers < length) & (tile.segs(tile.pad + back) == own))[:, None]
-        grad = jnp.where(valid, tile.rows(dpre_ref, back) * tile.weight[tile.pad - back], 0.0)
-        crosses = tile.crosses_block(readers, back) if dclean_ref is not None else None
-        if crosses is not None:
-            d_clean = d_clean + jnp.where(crosses, grad, 0.0)
-            grad = jnp.where(crosses, 0.0, grad)
-        d_x = d_x + grad
-    dx_ref[...] = d_x.astype(dx_ref.dtype)
-    if dclean_ref is not None:
-        dclean_ref[...] = d_clean.astype(dclean_ref.dtype)
+
+    def step(tile: _Tile, carry: tuple) -> tuple:
+        own = tile.segs(tile.pad)
+        inputs = tile.t0 + jnp.arange(tile.block_t)
+        d_x = d_clean = tile.zeros()
+        for back in range(tile.pad + 1):
+            readers = inputs + back
+            valid = ((readers < length) & (tile.segs(tile.pad + back) == own))[:, None]
+            grad = jnp.where(valid, tile.rows(dpre_ref, back) * tile.weight[tile.pad - back], 0.0)
+            crosses = tile.crosses_block(readers, back) if dclean_ref is not None else None
+            if crosses is not None:
+                d_clean = d_clean + jnp.where(crosses, grad, 0.0)
+                grad = jnp.where(crosses, 0.0, grad)
+            d_x = d_x + grad
+        tile.store(dx_ref, d_x)
+        if dclean_ref is not None:
+            tile.store(dclean_ref, d_clean)
+        return carry
+
+    _Tile(w_ref, seg_ref, **shape).walk(step, ())
 
 
 class _Launch(NamedTuple):
-    """Grid, tile spec and static kernel arguments of one call."""
+    """Grid and static kernel arguments of one call; every array is one whole ref, but the
+    weight-gradient partial sums."""
 
     tiles: int
-    block_c: int
+    grid: tuple[int, int, int]
     static: dict
     params: plgpu.CompilerParams
     interpret: bool
 
     @classmethod
-    def of(cls, padded_x: jax.Array, weight: jax.Array, block_size: int | None, handoff: bool,
+    def of(cls, x: jax.Array, weight: jax.Array, block_size: int | None, handoff: bool,
            tiling: ConvTiling, interpret: bool) -> _Launch:
         kernel = weight.shape[0]
         if kernel & (kernel - 1) and not interpret:
             raise ValueError(f"the GPU conv kernel needs a power-of-two conv kernel size "
                              f"(linear_conv_kernel_dim), got {kernel}")
-        channels = padded_x.shape[2]
+        batch, length, channels = x.shape
         block_c = dividing_tile(channels, tiling.block_c, interpret=interpret,
                                 what="the GPU conv kernel's channel count")
-        length = padded_x.shape[1] - (kernel - 1)
+        runs = pl.cdiv(pl.cdiv(length, tiling.block_t), tiling.tiles_per_program)
         static = dict(kernel=kernel, block_t=tiling.block_t, block_c=block_c,
-                      block_size=block_size if handoff else None)
-        params = plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=1)
-        return cls(pl.cdiv(length, tiling.block_t), block_c, static, params, interpret)
+                      block_size=block_size if handoff else None,
+                      tiles_per_program=tiling.tiles_per_program)
+        params = plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+        return cls(runs * tiling.tiles_per_program, (batch, runs, channels // block_c), static,
+                   params, interpret)
 
-    def grid(self, batch: int, channels: int) -> tuple[int, int, int]:
-        return batch, self.tiles, channels // self.block_c
-
-    def tile(self) -> pl.BlockSpec:
-        return pl.BlockSpec((None, self.static["block_t"], self.block_c), lambda b, i, c: (b, i, c))
-
-    def call(self, body, name: str, inputs: list, out_shape: list, out_specs: list,
-             grid: tuple[int, int, int], **extra) -> list[jax.Array]:
-        """``inputs``: ``(array, spec)`` pairs, spec None for a whole-array ref."""
+    def call(self, body, name: str, inputs: list, out_shape: list, out_specs: list | None = None,
+             **extra) -> list[jax.Array]:
+        """``inputs``: arrays, or None (the kernel's ref is None); ``out_specs``: whole refs when None."""
         return pl.pallas_call(
-            functools.partial(body, **self.static, **extra), grid=grid,
-            in_specs=[None if a is None else pl.no_block_spec if spec is None else spec
-                      for a, spec in inputs],
-            out_specs=out_specs, out_shape=out_shape, compiler_params=self.params,
-            interpret=self.interpret, name=name,
-        )(*(a for a, _ in inputs))
+            functools.partial(body, **self.static, **extra), grid=self.grid,
+            in_specs=[None if a is None else pl.no_block_spec for a in inputs],
+            out_specs=out_specs or [pl.no_block_spec] * len(out_shape), out_shape=out_shape,
+            compiler_params=self.params, interpret=self.interpret, name=name,
+        )(*inputs)
 
 
 def _extend(a: jax.Array | None, rows: int, fill=0) -> jax.Array | None:
@@ -192,28 +260,44 @@ def _extend(a: jax.Array | None, rows: int, fill=0) -> jax.Array | None:
     return jnp.pad(a, widths, constant_values=fill)
 
 
-def _tiled_inputs(padded_x, padded_clean, padded_seg, tiles: int, block_t: int, pad: int):
-    """The padded inputs, extended so that every tile's shifted loads are in bounds."""
-    rows = tiles * block_t + pad
-    seg = _extend(padded_seg.astype(jnp.int32), rows + pad, NO_SEGMENT)
-    return _extend(padded_x, rows), _extend(padded_clean, rows), seg
+class _Inputs(NamedTuple):
+    """The kernels' inputs: the rows (extended to whole runs of tiles), the first tiles' copies
+    behind the context rows and the padded segment ids (extended for every shifted load)."""
+
+    x: jax.Array
+    x_head: jax.Array
+    clean: jax.Array | None
+    clean_head: jax.Array | None
+    seg: jax.Array
+
+    @classmethod
+    def of(cls, x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
+           segment_ids: jax.Array, rows: int, block_t: int, pad: int) -> _Inputs:
+        batch, _, channels = x.shape
+        zeros = jnp.zeros((batch, pad, channels), x.dtype)
+        x, clean = _extend(x, rows), _extend(clean, rows)
+
+        def head(a: jax.Array, before: jax.Array) -> jax.Array:
+            return jnp.concatenate([before.astype(a.dtype), a[:, :block_t]], axis=1)
+
+        seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], pad, axis=1), segment_ids], axis=1)
+        return cls(x, head(x, zeros if context is None else context), clean,
+                   None if clean is None else head(clean, zeros),
+                   _extend(seg.astype(jnp.int32), rows + 2 * pad, NO_SEGMENT))
 
 
-def conv_silu_fwd(padded_x: jax.Array, padded_clean: jax.Array | None, weight: jax.Array,
-                  padded_seg: jax.Array, block_size: int | None, *,
-                  tiling: ConvTiling = DEFAULT_TILING, interpret: bool = False) -> jax.Array:
-    """:func:`reference.conv_silu` (same arguments) as one kernel: ``[B, T, C]`` in x's dtype."""
-    handoff = padded_clean is not None
-    launch = _Launch.of(padded_x, weight, block_size, handoff, tiling, interpret)
-    batch, padded_len, channels = padded_x.shape
-    pad = weight.shape[0] - 1
-    x, clean, seg = _tiled_inputs(padded_x, padded_clean, padded_seg, launch.tiles, tiling.block_t, pad)
-    out_rows = launch.tiles * tiling.block_t
-    (out,) = launch.call(
-        _fwd_kernel, "causal_conv_fwd", [(x, None), (clean, None), (seg, None), (weight, None)],
-        [jax.ShapeDtypeStruct((batch, out_rows, channels), padded_x.dtype)], [launch.tile()],
-        launch.grid(batch, channels))
-    return out[:, :padded_len - pad]
+def conv_silu_fwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
+                  weight: jax.Array, segment_ids: jax.Array, block_size: int | None, *,
+                  tiling: ConvTiling = FWD_TILING, interpret: bool = False) -> jax.Array:
+    """The causal conv + SiLU of ``x [B, T, C]`` (arguments as :func:`api.causal_conv_silu`
+    takes them) as one kernel: ``[B, T, C]`` in x's dtype."""
+    launch = _Launch.of(x, weight, block_size, clean is not None, tiling, interpret)
+    batch, length, channels = x.shape
+    rows = launch.tiles * tiling.block_t
+    inputs = _Inputs.of(x, context, clean, segment_ids, rows, tiling.block_t, weight.shape[0] - 1)
+    (out,) = launch.call(_fwd_kernel, "causal_conv_fwd", [*inputs, weight],
+                         [jax.ShapeDtypeStruct((batch, rows, channels), x.dtype)])
+    return out[:, :length]
 
 
 def _context_grad(d_pre: jax.Array, weight: jax.Array, padded_seg: jax.Array,
@@ -235,34 +319,31 @@ def _context_grad(d_pre: jax.Array, weight: jax.Array, padded_seg: jax.Array,
     return jnp.stack(rows, axis=1)
 
 
-def conv_silu_bwd(padded_x: jax.Array, padded_clean: jax.Array | None, weight: jax.Array,
-                  padded_seg: jax.Array, block_size: int | None, d_out: jax.Array, *,
-                  tiling: ConvTiling = DEFAULT_TILING, interpret: bool = False) -> ConvGrads:
-    """Gradients of :func:`reference.conv_silu` for the output cotangent ``d_out [B, T, C]``:
-    the row's and the clean stream's in their dtype, the context's and the weight's in fp32."""
-    handoff = padded_clean is not None
-    launch = _Launch.of(padded_x, weight, block_size, handoff, tiling, interpret)
-    batch, padded_len, channels = padded_x.shape
+def conv_silu_bwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
+                  weight: jax.Array, segment_ids: jax.Array, block_size: int | None,
+                  d_out: jax.Array, *, tiling: ConvTiling = BWD_TILING,
+                  interpret: bool = False) -> ConvGrads:
+    """Gradients of :func:`conv_silu_fwd` for the output cotangent ``d_out [B, T, C]``: the
+    row's and the clean stream's in their dtype, the context's and the weight's in fp32."""
+    handoff = clean is not None
+    launch = _Launch.of(x, weight, block_size, handoff, tiling, interpret)
+    batch, length, channels = x.shape
     pad = weight.shape[0] - 1
-    length = padded_len - pad
     block_t = tiling.block_t
-    x, clean, seg = _tiled_inputs(padded_x, padded_clean, padded_seg, launch.tiles, block_t, pad)
     rows = launch.tiles * block_t
-    grid, tile = launch.grid(batch, channels), launch.tile()
+    inputs = _Inputs.of(x, context, clean, segment_ids, rows, block_t, pad)
     # One tile more than the outputs: the shifted loads of the last tile's inputs read into it
     # (never written; those outputs do not exist and are masked).
     d_pre_shape = jax.ShapeDtypeStruct((batch, rows + block_t, channels), F32)
-    d_weight_out = (jax.ShapeDtypeStruct((batch, launch.tiles, pad + 1, channels), F32),
-                    pl.BlockSpec((None, None, pad + 1, launch.block_c), lambda b, i, c: (b, i, 0, c)))
+    runs, block_c = launch.grid[1], launch.static["block_c"]
+    d_weight_shape = jax.ShapeDtypeStruct((batch, runs, pad + 1, channels), F32)
+    d_weight_spec = pl.BlockSpec((None, None, pad + 1, block_c), lambda b, i, c: (b, i, 0, c))
     d_pre, d_weight = launch.call(
-        _d_pre_kernel, "causal_conv_bwd_d_pre",
-        [(x, None), (clean, None), (seg, None), (weight, None), (_extend(d_out, rows), tile)],
-        [d_pre_shape, d_weight_out[0]], [tile, d_weight_out[1]], grid)
-    stream = jax.ShapeDtypeStruct((batch, rows, channels), padded_x.dtype)
-    grads = launch.call(
-        _input_grads_kernel, "causal_conv_bwd_inputs", [(seg, None), (weight, None), (d_pre, None)],
-        [stream, stream] if handoff else [stream], [tile, tile] if handoff else [tile], grid,
-        length=length)
-    d_context = _context_grad(d_pre, weight, padded_seg, launch.static["block_size"])
+        _d_pre_kernel, "causal_conv_bwd_d_pre", [*inputs, weight, _extend(d_out, rows)],
+        [d_pre_shape, d_weight_shape], [pl.no_block_spec, d_weight_spec])
+    stream = jax.ShapeDtypeStruct((batch, rows, channels), x.dtype)
+    grads = launch.call(_input_grads_kernel, "causal_conv_bwd_inputs", [inputs.seg, weight, d_pre],
+                        [stream, stream] if handoff else [stream], length=length)
+    d_context = _context_grad(d_pre, weight, inputs.seg, launch.static["block_size"])
     return ConvGrads(grads[0][:, :length], d_context, grads[1][:, :length] if handoff else None,
                      jnp.sum(d_weight, axis=(0, 1)))

@@ -2,11 +2,12 @@
 
 The forward runs ``gpu_prep`` (``p``, ``w``, ``u0``, ``T`` per stream) and one ``gpu.scan_fwd``
 over the streams' :class:`gpu.ScanOperands`, which never form ``qg`` and ``kd``. The backward
-runs the reverse scan, the chunk tensors' cotangents in XLA (``reference.chunk_cotangents``:
-those of ``qg`` and ``kd`` included) and the preparation backward kernel, which takes all of
-them and writes ``dq``, ``dk`` in the public layout itself. As one VJP, the kernels' residuals
-(``T``, ``p``, ``w``, ``u0``, the chunk states) are named once
-(``pallas_kernels.residuals``), so that a remat policy keeps one copy of each.
+runs the reverse scan, the chunk tensors' cotangents (``gpu_cotangents``: both streams in one
+kernel that reads the states once; those of ``qg`` and ``kd`` included, in the compute dtype)
+and the preparation backward kernel, which takes all of them and writes ``dq``, ``dk`` in the
+public layout itself. As one VJP, the kernels' residuals (``T``, ``p``, ``w``, ``u0``, the chunk
+states) are named once (``pallas_kernels.residuals``), so that a remat policy keeps one copy of
+each.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gated_delta import gpu, gpu_prep, reference
+from pallas_kernels.gated_delta import gpu, gpu_cotangents, gpu_prep, reference
 from pallas_kernels.gated_delta.reference import ChunkTensors
 from pallas_kernels.residuals import named_residuals
 
@@ -129,10 +130,11 @@ def _kernel_outputs(ops: gpu.ScanOperands, t_inv: jax.Array) -> tuple[jax.Array,
 
 def _stream_cotangent(stream: KernelStream, kept: tuple, d: ChunkTensors, interpret: bool) -> KernelStream:
     """The preparation backward kernel: cotangents of the stream from those of its chunk
-    tensors (``d``, fp32; cast to the compute dtype as the kernel reads them)."""
+    tensors (``d``: as ``gpu_cotangents.chunk_cotangents`` returns them, flat ``[N, T, width]``
+    in the compute dtype, or in the chunk layout ``[N, NT, L, width]``)."""
     p, w, u0, t_inv = kept
     dt = stream.v.dtype
-    cots = tuple(reference.flat_chunks(x).astype(dt) for x in (d.qg, d.p, d.w, d.u0, d.kd))
+    cots = tuple(reference.flat_chunks(x) for x in (d.qg, d.p, d.w, d.u0, d.kd))
     inputs = (stream.q, stream.k, stream.v, stream.beta, stream.gcum, stream.rel)
     saved = (t_inv, reference.flat_chunks(w), reference.flat_chunks(u0))
     dq, dk, dv, dbeta, dgcum = gpu_prep.prepare_bwd(
@@ -154,11 +156,11 @@ def _gpu_pass_bwd(interpret, need_states, heads, residuals, cotangents):
     du, dh_next, ds0, du_noisy = gpu.scan_bwd(
         ops, do, ds_final, dh if need_states else None, noisy=side, do_noisy=do_noisy, interpret=interpret
     )
-    d = _stream_cotangent(stream, kept[0], reference.chunk_cotangents(ops, h, do, du, dh_next), interpret)
-    d_noisy = None
-    if noisy is not None:
-        d_side = reference.chunk_cotangents(side, h, do_noisy, du_noisy, None)
-        d_noisy = _stream_cotangent(noisy, kept[1], d_side, interpret)
+    d, d_side = gpu_cotangents.chunk_cotangents(
+        ops, h, do, du, dh_next, noisy=side, do_noisy=do_noisy, du_noisy=du_noisy, interpret=interpret
+    )
+    d = _stream_cotangent(stream, kept[0], d, interpret)
+    d_noisy = None if noisy is None else _stream_cotangent(noisy, kept[1], d_side, interpret)
     return d, ds0, d_noisy
 
 

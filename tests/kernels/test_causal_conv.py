@@ -1,7 +1,8 @@
 """Causal depthwise conv + SiLU: the jnp reference against a per-position loop, and the Pallas GPU
 forward and backward (interpret mode) against the reference and its autodiff: gradients of the
 inputs, the weight, the decoding context and, in FLARE handoff, the clean stream; packed
-documents; lengths that are not a multiple of the kernel's tile; the Triton lowering."""
+documents; lengths that are not a multiple of the kernel's tile, or of a program's run of tiles;
+the Triton lowering."""
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +87,12 @@ def test_gpu_backward_matches_autodiff(block_size, length, channels):
         assert np.any(got[3])  # the handoff taps read the clean stream
 
 
-TILINGS = [gpu.ConvTiling(16, 16, 4), gpu.ConvTiling(32, 32, 4), gpu.ConvTiling(64, 16, 8)]
+# The last three walk 2 or 4 position tiles per program (70 positions: 5, 5 and 3 tiles, padded
+# to 6, 8 and 4); interpret mode ignores the pipeline stages.
+TILINGS = [gpu.ConvTiling(16, 16, 4), gpu.ConvTiling(32, 32, 4), gpu.ConvTiling(64, 16, 8),
+           gpu.ConvTiling(16, 16, 4, tiles_per_program=2, num_stages=2),
+           gpu.ConvTiling(16, 32, 4, tiles_per_program=4, num_stages=2),
+           gpu.ConvTiling(32, 16, 8, tiles_per_program=4)]
 
 
 @pytest.mark.parametrize("tiling", TILINGS)
@@ -95,14 +101,14 @@ def test_kernels_match_reference_at_every_tiling(block_size, tiling):
     """Forward and backward kernels at the tilings ``benchmarks/conv.py --sweep`` times: outputs,
     and gradients of the row, the context rows, the clean stream and the weight, against the jnp
     forward and its autodiff on the padded inputs (70 positions: the last tile partly past the
-    end at every tile size)."""
+    end at every tile size, and runs of tiles padded past it)."""
     x, clean, context, weight, cotangent, segment_ids = case(length=70, channels=32)
     handoff = None if block_size is None else clean
     padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, KERNEL, context=context,
                                                     clean=handoff)
-    out = gpu.conv_silu_fwd(padded_x, padded_clean, weight, padded_seg, block_size, tiling=tiling,
+    out = gpu.conv_silu_fwd(x, context, handoff, weight, segment_ids, block_size, tiling=tiling,
                             interpret=True)
-    grads = gpu.conv_silu_bwd(padded_x, padded_clean, weight, padded_seg, block_size, cotangent,
+    grads = gpu.conv_silu_bwd(x, context, handoff, weight, segment_ids, block_size, cotangent,
                               tiling=tiling, interpret=True)
 
     def forward(padded_x, padded_clean, weight):
@@ -137,6 +143,28 @@ def test_gpu_path_lowers_to_triton(block_size):
     assert text.count("__gpu$xla.gpu.triton") == 3
 
 
+@pytest.mark.parametrize("block_size", [None, 32])
+def test_kernels_lower_to_triton_walking_tiles(block_size):
+    """The three kernels at 4 position tiles per program, 2 pipeline stages (100 positions: 7 tiles
+    of 16, padded to 2 programs of 4), lowered for CUDA: grid and stages as asked."""
+    x = jnp.zeros((2, 100, 256), jnp.bfloat16)
+    weight = jnp.zeros((KERNEL, 256))
+    segment_ids = jnp.zeros((2, 100), jnp.int32)
+    clean = None if block_size is None else x
+    tiling = gpu.ConvTiling(16, 64, 4, tiles_per_program=4, num_stages=2)
+
+    def kernels(x, clean, weight, d_out):
+        return (gpu.conv_silu_fwd(x, None, clean, weight, segment_ids, block_size, tiling=tiling),
+                gpu.conv_silu_bwd(x, None, clean, weight, segment_ids, block_size, d_out,
+                                  tiling=tiling))
+
+    text = jax.jit(kernels).trace(x, clean, weight, x).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3
+    assert text.count("grid_x = 2 : i32, grid_y = 2 : i32, grid_z = 4 : i32") == 3
+    assert text.count("num_stages = 2 : i32") == 3
+
+
 def test_handoff_without_block_size_is_an_error():
     x = jnp.zeros((1, 8, 16))
     with pytest.raises(ValueError, match="needs a positive block_size, got None"):
@@ -150,8 +178,8 @@ def test_handoff_without_block_size_is_an_error():
 def test_gpu_backward_rejects_shapes_off_its_tiles(kernel, channels, message):
     x = jnp.zeros((1, 8, channels))
     with pytest.raises(ValueError, match=message):
-        gpu.conv_silu_bwd(x, None, jnp.zeros((kernel, channels)), jnp.zeros((1, 8), jnp.int32),
-                          None, jnp.zeros((1, 9 - kernel, channels)))
+        gpu.conv_silu_bwd(x, None, None, jnp.zeros((kernel, channels)),
+                          jnp.zeros((1, 8), jnp.int32), None, x)
     with pytest.raises(ValueError, match=message):
-        gpu.conv_silu_fwd(x, None, jnp.zeros((kernel, channels)), jnp.zeros((1, 8), jnp.int32),
-                          None)
+        gpu.conv_silu_fwd(x, None, None, jnp.zeros((kernel, channels)),
+                          jnp.zeros((1, 8), jnp.int32), None)

@@ -166,10 +166,10 @@ def test_gpu_preparation_and_its_backward_match_reference():
 @pytest.mark.parametrize("dk, dv", [(128, 128), (256, 64), (64, 256)])
 def test_gpu_kernels_lower_to_triton(dk, dv):
     """The GPU path lowers for CUDA on this CPU-only machine (Pallas -> Triton IR for every kernel:
-    the three preparation kernels, the scan forward and backward, the preparation backward) at
-    chunk 64, bf16, for the head dims the issue names (the benchmark's D 128; 256 for keys and
-    for values). Triton's own compilation to PTX needs the device
-    (``benchmarks/gated_delta.py --check``)."""
+    the three preparation kernels, the scan forward and backward, the chunk cotangents (head
+    dims up to 128; XLA above), the preparation backward) at chunk 64, bf16, for the head dims
+    the issue names (the benchmark's D 128; 256 for keys and for values). Triton's own
+    compilation to PTX needs the device (``benchmarks/gated_delta.py --check``)."""
     b, t, hk, hv = 1, 128, 1, 2
     bf16 = jnp.bfloat16
     q = jnp.ones((b, t, hk, dk), bf16)
@@ -189,7 +189,7 @@ def test_gpu_kernels_lower_to_triton(dk, dv):
         "gated_delta_scan_fwd",
         "gated_delta_scan_bwd",
         "gated_delta_prepare_bwd",
-    )
+    ) + (("gated_delta_chunk_cotangents",) if max(dk, dv) <= 128 else ())
     assert text.count("__gpu$xla.gpu.triton") == len(names)
     for name in names:
         assert name in text, name
@@ -273,9 +273,10 @@ def test_fused_handoff_lowers_to_triton():
 
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(stream, stream).lower(lowering_platforms=("cuda",))
     text = text.as_text()
-    # Per stream: kkt, solve, wy and the preparation backward; plus one scan each way.
-    assert text.count("__gpu$xla.gpu.triton") == 2 * 4 + 2
-    for name in ("gated_delta_scan_fwd", "gated_delta_scan_bwd"):
+    # Per stream: kkt, solve, wy and the preparation backward; plus one scan each way and the
+    # chunk cotangents of both streams.
+    assert text.count("__gpu$xla.gpu.triton") == 2 * 4 + 3
+    for name in ("gated_delta_scan_fwd", "gated_delta_scan_bwd", "gated_delta_chunk_cotangents"):
         assert name in text, name
 
 
