@@ -335,11 +335,15 @@ def bench_stages(b, t, h, d, backend, chunk: int = 64) -> dict:
         xla = gpu_cotangents.xla_chunk_cotangents
         return xla(ct, h, do, du, dh_next), xla(side, h, do_n, du_n, None)
 
-    def kernel_two_streams(ct, h, do, du, dh_next, side, do_n, du_n):
-        return kernel_cots(ct, h, do, du, dh_next, noisy=side, do_noisy=do_n, du_noisy=du_n)
+    def kernel_two_streams(ct, h, do, du, dh_next, side, do_n, du_n, **tiling):
+        return kernel_cots(ct, h, do, du, dh_next, noisy=side, do_noisy=do_n, du_noisy=du_n, **tiling)
 
     r["chunk_cotangents_xla_two_streams"] = timeit(jax.jit(xla_two_streams), *cot_in, *side_in)
     r["chunk_cotangents_kernel_two_streams"] = timeit(jax.jit(kernel_two_streams), *cot_in, *side_in)
+    for block_v, warps in ((32, 4), (64, 4), (128, 8)):  # (64, 8) is the default, above
+        tiled = functools.partial(kernel_two_streams, block_v=block_v, num_warps=warps)
+        name = f"chunk_cotangents_kernel_two_streams_v{block_v}_w{warps}"
+        r[name] = timeit(jax.jit(tiled), *cot_in, *side_in)
 
     def scan_vjp_kernel(ct, h_states, do, ds):  # the reverse scan and the cotangent kernel
         du, dh_next, ds0, _ = gpu.scan_bwd(ct, do, ds, None, interpret=interpret)
