@@ -16,12 +16,14 @@ import math
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.block_attention import api as attention_api
 from pallas_kernels.block_attention.mask import TokenLayout
 from pallas_kernels.causal_conv import api as causal_conv_api
+from pallas_kernels.causal_conv.reference import HeadNorm
 from pallas_kernels.gated_delta import api as gated_delta_api
 from pallas_kernels.gated_delta.api import GatedDeltaInputs
 from pallas_kernels.grouped_matmul import api as grouped_matmul_api
@@ -78,20 +80,30 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
 
 def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
                      context: jax.Array | None = None, clean: jax.Array | None = None,
-                     block_size: int | None = None, backend: str = "auto") -> jax.Array:
+                     block_size: int | None = None, l2_heads: tuple[int, int] | None = None,
+                     backend: str = "auto") -> jax.Array:
     """The Gated DeltaNet's depthwise causal conv + SiLU over ``x [B, T, C]`` (document-aware,
-    decoding ``context``, FLARE handoff from ``clean``); channels split like heads."""
-    def run(x, weight, segment_ids, context, clean):
+    decoding ``context``, FLARE handoff from ``clean``); channels split like heads.
+    ``l2_heads = (head_dim, channels)``: the heads of ``head_dim`` channels among the first
+    ``channels`` (q and k) come out l2-normalised."""
+    channel_ids = jnp.arange(x.shape[2], dtype=jnp.int32)
+
+    def run(x, weight, segment_ids, context, clean, channel_ids):
+        norm = None
+        if l2_heads is not None:  # the shard's first channel decides which of its heads
+            norm = HeadNorm(l2_heads[0], l2_heads[1] - channel_ids[0])
         return causal_conv_api.causal_conv_silu(x, weight, segment_ids, context=context,
-                                                clean=clean, block_size=block_size,
+                                                clean=clean, block_size=block_size, norm=norm,
                                                 backend=backend)
 
     def specs(b, h):
         stream = P(b, None, h)
         return ((stream, P(None, h), P(b, None), None if context is None else stream,
-                 None if clean is None else stream), stream)
+                 None if clean is None else stream, P(h)), stream)
 
-    return _per_shard(run, x.shape[0], (x.shape[2],), specs)(x, weight, segment_ids, context, clean)
+    heads = x.shape[2] if l2_heads is None else x.shape[2] // l2_heads[0]  # shards hold whole heads
+    return _per_shard(run, x.shape[0], (heads,), specs)(x, weight, segment_ids, context, clean,
+                                                          channel_ids)
 
 
 MAX_CHUNK = 64

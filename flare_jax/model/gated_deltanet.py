@@ -14,14 +14,6 @@ from flare_jax.model.conv import conv_window
 from flare_jax.model.layers import Dense, Dtype, GatedRMSNorm
 from pallas_kernels.gated_delta.api import GatedDeltaInputs
 
-L2_EPS = 1e-6
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    """``x / sqrt(sum(x^2) + eps)`` over the last axis, fp32."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2_EPS)
-
 
 class GatedDeltaNet(nnx.Module):
     """in_proj_qkv -> causal conv + SiLU -> (q, k l2-normalised, v) -> gated delta rule with
@@ -48,21 +40,24 @@ class GatedDeltaNet(nnx.Module):
         self.out_proj = Dense(c.linear_value_dim, c.hidden_size, **kw)
 
     def _conv(self, mixed: jax.Array, segment_ids: jax.Array, **kwargs) -> jax.Array:
+        """Conv + SiLU of the q, k, v channels, q and k l2-normalised per head (fp32)."""
+        c = self.config
         return ops.causal_conv_silu(mixed, self.conv_weight[...], segment_ids,
+                                    l2_heads=(c.linear_key_head_dim, 2 * c.linear_key_dim),
                                     backend=self.backend, **kwargs)
 
     def _inputs(self, x: jax.Array, conv_out: jax.Array) -> GatedDeltaInputs:
         c = self.config
         batch, length, _ = x.shape
         q, k, v = jnp.split(conv_out, [c.linear_key_dim, 2 * c.linear_key_dim], axis=-1)
-        q = l2_normalize(q.reshape(batch, length, c.linear_num_key_heads, c.linear_key_head_dim))
-        k = l2_normalize(k.reshape(batch, length, c.linear_num_key_heads, c.linear_key_head_dim))
+        q = q.reshape(batch, length, c.linear_num_key_heads, c.linear_key_head_dim)
+        k = k.reshape(batch, length, c.linear_num_key_heads, c.linear_key_head_dim)
         v = v.reshape(batch, length, c.linear_num_value_heads, c.linear_value_head_dim)
         beta = jax.nn.sigmoid(self.in_proj_b(x).astype(jnp.float32))
         a = self.in_proj_a(x).astype(jnp.float32)
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
             a + self.dt_bias[...].astype(jnp.float32))
-        return GatedDeltaInputs(q.astype(self.dtype), k.astype(self.dtype), v, g, beta)
+        return GatedDeltaInputs(q, k, v, g, beta)
 
     def _output(self, x: jax.Array, o: jax.Array) -> jax.Array:
         c = self.config

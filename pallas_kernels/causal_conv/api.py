@@ -10,28 +10,35 @@ from pallas_kernels.backend import resolve_backend
 from pallas_kernels.causal_conv import gpu, reference
 
 
-def _gpu_forward(x, context, clean, weight, segment_ids, block_size, interpret):
+def _gpu_forward(x, context, clean, weight, segment_ids, norm_end, block_size, head_dim,
+                 interpret):
     return gpu.conv_silu_fwd(x, context, clean, weight, segment_ids, block_size,
-                             interpret=interpret)
+                             _norm(head_dim, norm_end), interpret=interpret)
 
 
-_gpu_conv = jax.custom_vjp(_gpu_forward, nondiff_argnums=(5, 6))
+def _norm(head_dim: int | None, end) -> reference.HeadNorm | None:
+    return None if head_dim is None else reference.HeadNorm(head_dim, end)
 
 
-def _fwd(x, context, clean, weight, segment_ids, block_size, interpret):
+_gpu_conv = jax.custom_vjp(_gpu_forward, nondiff_argnums=(6, 7, 8))
+
+
+def _fwd(x, context, clean, weight, segment_ids, norm_end, block_size, head_dim, interpret):
     # The residuals are the caller's arrays (the projection's output, which a remat policy
     # keeps).
-    out = _gpu_forward(x, context, clean, weight, segment_ids, block_size, interpret)
-    return out, (x, context, clean, weight, segment_ids)
+    out = _gpu_forward(x, context, clean, weight, segment_ids, norm_end, block_size, head_dim,
+                       interpret)
+    return out, (x, context, clean, weight, segment_ids, norm_end)
 
 
-def _bwd(block_size, interpret, residuals, d_out):
-    x, context, clean, weight, segment_ids = residuals
+def _bwd(block_size, head_dim, interpret, residuals, d_out):
+    x, context, clean, weight, segment_ids, norm_end = residuals
     grads = gpu.conv_silu_bwd(x, context, clean, weight, segment_ids, block_size, d_out,
-                              interpret=interpret)
+                              _norm(head_dim, norm_end), interpret=interpret)
     d_context = None if context is None else grads.d_context.astype(context.dtype)
+    d_end = None if norm_end is None else np.zeros(np.shape(norm_end), jax.dtypes.float0)
     return (grads.d_x, d_context, grads.d_clean, grads.d_weight.astype(weight.dtype),
-            np.zeros(segment_ids.shape, jax.dtypes.float0))
+            np.zeros(segment_ids.shape, jax.dtypes.float0), d_end)
 
 
 _gpu_conv.defvjp(_fwd, _bwd)
@@ -57,7 +64,8 @@ def pad_inputs(x: jax.Array, segment_ids: jax.Array, kernel: int, *,
 
 def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
                      context: jax.Array | None = None, clean: jax.Array | None = None,
-                     block_size: int | None = None, backend: str = "auto") -> jax.Array:
+                     block_size: int | None = None, norm: reference.HeadNorm | None = None,
+                     backend: str = "auto") -> jax.Array:
     """``silu(sum_k weight[K-1-k] * x[t-k])`` over taps of ``t``'s document, fp32, in ``x``'s dtype.
 
     Args:
@@ -67,6 +75,8 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
         ``x[:, 0]``'s document and already zeroed where they do not; zeros when None.
       clean, block_size: FLARE handoff. ``x`` is then the noisy stream of a row that starts on a
         block boundary, and taps that reach before the start of ``t``'s block read ``clean``.
+      norm: l2-normalise (fp32, before the cast) the output's heads of ``norm.head_dim``
+        channels that start below channel ``norm.end`` (the Gated DeltaNet's q and k).
       backend: ``gpu`` runs the forward and the backward as Pallas kernels (``gpu_interpret``:
         in interpret mode); every other backend runs the jnp forward (one XLA fusion) and its
         autodiff.
@@ -78,8 +88,9 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
                          f"block_size, got {block_size!r}")
     backend = resolve_backend(backend)
     if backend in ("gpu", "gpu_interpret"):
-        return _gpu_conv(x, context, clean, weight, segment_ids, block_size,
-                         backend == "gpu_interpret")
+        end = None if norm is None else jnp.asarray(norm.end, jnp.int32)
+        return _gpu_conv(x, context, clean, weight, segment_ids, end, block_size,
+                         None if norm is None else norm.head_dim, backend == "gpu_interpret")
     padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, weight.shape[0],
                                                     context=context, clean=clean)
-    return reference.conv_silu(padded_x, padded_clean, weight, padded_seg, block_size)
+    return reference.conv_silu(padded_x, padded_clean, weight, padded_seg, block_size, norm)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.causal_conv.reference import L2_EPS, HeadNorm
 from pallas_kernels.gpu_tiles import dividing_tile
 
 NO_SEGMENT = -1
@@ -62,6 +63,8 @@ class ConvTiling(NamedTuple):
 # 4 warps: 0.206 / 0.233); backward 0.645 / 0.806 (32 x 64, 4 warps; 32 x 128: 0.868 / 0.906).
 FWD_TILING = ConvTiling(32, 128, 8)
 BWD_TILING = ConvTiling(32, 64, 4)
+# With l2-normalised heads a tile holds whole heads (128 channels): 0.752 / 0.842 ms at 8 warps.
+NORM_BWD_TILING = ConvTiling(32, 128, 8)
 
 
 class ConvGrads(NamedTuple):
@@ -84,7 +87,8 @@ class _Tile:
         self.block_size, self.seg_ref, self.tiles_per_program = block_size, seg_ref, tiles_per_program
         self.b, c = pl.program_id(0), pl.program_id(2)
         self.t0: jax.Array | None = None
-        self.cs = pl.ds(pl.multiple_of(c * block_c, block_c), block_c)
+        self.c0 = pl.multiple_of(c * block_c, block_c)
+        self.cs = pl.ds(self.c0, block_c)
         self.weight = [w_ref[j, self.cs].astype(F32)[None, :] for j in range(kernel)]
 
     def walk(self, body: Callable[[_Tile, Any], Any], init: Any) -> Any:
@@ -148,6 +152,18 @@ class _Tile:
     def pre(self, taps: list[jax.Array]) -> jax.Array:
         return sum(tap * self.weight[self.pad - back] for back, tap in enumerate(taps))
 
+    def normalized(self, end_ref) -> jax.Array | None:
+        """Whether the tile's channels (one head) are l2-normalised (None: no head is)."""
+        if end_ref is None:
+            return None
+        return self.c0 < end_ref[0]
+
+
+def _l2_normalize(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(y / |y|, 1 / |y|)`` of every row of a tile (one head per row), fp32."""
+    inv = jax.lax.rsqrt(jnp.sum(y * y, axis=1, keepdims=True) + L2_EPS)
+    return y * inv, inv
+
 
 class _Rows(NamedTuple):
     """Refs of the conv's inputs: the row and the first tile's copy behind the context rows, the
@@ -159,19 +175,25 @@ class _Rows(NamedTuple):
     clean_head: Any
 
 
-def _fwd_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, out_ref, **shape: int | None):
+def _fwd_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref, out_ref,
+                **shape: int | None):
     rows = _Rows(x_ref, x_head, clean_ref, clean_head)
 
     def step(tile: _Tile, carry: tuple) -> tuple:
-        tile.store(out_ref, jax.nn.silu(tile.pre(tile.taps(rows))))
+        y = jax.nn.silu(tile.pre(tile.taps(rows)))
+        normalized = tile.normalized(end_ref)
+        if normalized is not None:
+            y = jnp.where(normalized, _l2_normalize(y)[0], y)
+        tile.store(out_ref, y)
         return carry
 
     _Tile(w_ref, seg_ref, **shape).walk(step, ())
 
 
-def _d_pre_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, dy_ref, dpre_ref, dw_ref,
-                  **shape: int | None):
-    """``d_pre`` of the program's outputs (fp32) and their weight-gradient partial sum."""
+def _d_pre_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref, dy_ref, dpre_ref,
+                  dw_ref, **shape: int | None):
+    """``d_pre`` of the program's outputs (fp32) and their weight-gradient partial sum; through
+    the l2 normalisation of the tile's head where it is normalised."""
     program = _Tile(w_ref, seg_ref, **shape)
     rows = _Rows(x_ref, x_head, clean_ref, clean_head)
 
@@ -179,7 +201,12 @@ def _d_pre_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, dy_ref, 
         taps = tile.taps(rows)
         pre = tile.pre(taps)
         sig = jax.nn.sigmoid(pre)
-        d_pre = tile.rows(dy_ref).astype(F32) * sig * (1.0 + pre * (1.0 - sig))
+        dy = tile.rows(dy_ref).astype(F32)
+        normalized = tile.normalized(end_ref)
+        if normalized is not None:
+            y_n, inv = _l2_normalize(pre * sig)
+            dy = jnp.where(normalized, inv * (dy - y_n * jnp.sum(dy * y_n, axis=1, keepdims=True)), dy)
+        d_pre = dy * sig * (1.0 + pre * (1.0 - sig))
         tile.store(dpre_ref, d_pre)
         return tuple(total + d_pre * tap for total, tap in zip(sums, taps, strict=True))
 
@@ -225,7 +252,7 @@ class _Launch(NamedTuple):
 
     @classmethod
     def of(cls, x: jax.Array, weight: jax.Array, block_size: int | None, handoff: bool,
-           tiling: ConvTiling, interpret: bool) -> _Launch:
+           tiling: ConvTiling, interpret: bool, norm: HeadNorm | None) -> _Launch:
         kernel = weight.shape[0]
         if kernel & (kernel - 1) and not interpret:
             raise ValueError(f"the GPU conv kernel needs a power-of-two conv kernel size "
@@ -233,6 +260,11 @@ class _Launch(NamedTuple):
         batch, length, channels = x.shape
         block_c = dividing_tile(channels, tiling.block_c, interpret=interpret,
                                 what="the GPU conv kernel's channel count")
+        if norm is not None:  # a tile is one head
+            if channels % norm.head_dim or norm.head_dim & (norm.head_dim - 1):
+                raise ValueError(f"l2-normalised heads of the GPU conv kernel need a power-of-two "
+                                 f"head dim dividing the channels, got {norm.head_dim} of {channels}")
+            block_c = norm.head_dim
         runs = pl.cdiv(pl.cdiv(length, tiling.block_t), tiling.tiles_per_program)
         static = dict(kernel=kernel, block_t=tiling.block_t, block_c=block_c,
                       block_size=block_size if handoff else None,
@@ -286,16 +318,22 @@ class _Inputs(NamedTuple):
                    _extend(seg.astype(jnp.int32), rows + 2 * pad, NO_SEGMENT))
 
 
+def _end(norm: HeadNorm | None) -> jax.Array | None:
+    """The first channel not normalised, as the kernels read it (``int32 [1]``)."""
+    return None if norm is None else jnp.asarray(norm.end, jnp.int32).reshape(1)
+
+
 def conv_silu_fwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
-                  weight: jax.Array, segment_ids: jax.Array, block_size: int | None, *,
-                  tiling: ConvTiling = FWD_TILING, interpret: bool = False) -> jax.Array:
+                  weight: jax.Array, segment_ids: jax.Array, block_size: int | None,
+                  norm: HeadNorm | None = None, *, tiling: ConvTiling = FWD_TILING,
+                  interpret: bool = False) -> jax.Array:
     """The causal conv + SiLU of ``x [B, T, C]`` (arguments as :func:`api.causal_conv_silu`
     takes them) as one kernel: ``[B, T, C]`` in x's dtype."""
-    launch = _Launch.of(x, weight, block_size, clean is not None, tiling, interpret)
+    launch = _Launch.of(x, weight, block_size, clean is not None, tiling, interpret, norm)
     batch, length, channels = x.shape
     rows = launch.tiles * tiling.block_t
     inputs = _Inputs.of(x, context, clean, segment_ids, rows, tiling.block_t, weight.shape[0] - 1)
-    (out,) = launch.call(_fwd_kernel, "causal_conv_fwd", [*inputs, weight],
+    (out,) = launch.call(_fwd_kernel, "causal_conv_fwd", [*inputs, weight, _end(norm)],
                          [jax.ShapeDtypeStruct((batch, rows, channels), x.dtype)])
     return out[:, :length]
 
@@ -321,12 +359,15 @@ def _context_grad(d_pre: jax.Array, weight: jax.Array, padded_seg: jax.Array,
 
 def conv_silu_bwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
                   weight: jax.Array, segment_ids: jax.Array, block_size: int | None,
-                  d_out: jax.Array, *, tiling: ConvTiling = BWD_TILING,
-                  interpret: bool = False) -> ConvGrads:
+                  d_out: jax.Array, norm: HeadNorm | None = None, *,
+                  tiling: ConvTiling | None = None, interpret: bool = False) -> ConvGrads:
     """Gradients of :func:`conv_silu_fwd` for the output cotangent ``d_out [B, T, C]``: the
-    row's and the clean stream's in their dtype, the context's and the weight's in fp32."""
+    row's and the clean stream's in their dtype, the context's and the weight's in fp32
+    (``tiling`` default: ``BWD_TILING``, ``NORM_BWD_TILING`` with ``norm``)."""
     handoff = clean is not None
-    launch = _Launch.of(x, weight, block_size, handoff, tiling, interpret)
+    if tiling is None:
+        tiling = BWD_TILING if norm is None else NORM_BWD_TILING
+    launch = _Launch.of(x, weight, block_size, handoff, tiling, interpret, norm)
     batch, length, channels = x.shape
     pad = weight.shape[0] - 1
     block_t = tiling.block_t
@@ -339,7 +380,7 @@ def conv_silu_bwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | No
     d_weight_shape = jax.ShapeDtypeStruct((batch, runs, pad + 1, channels), F32)
     d_weight_spec = pl.BlockSpec((None, None, pad + 1, block_c), lambda b, i, c: (b, i, 0, c))
     d_pre, d_weight = launch.call(
-        _d_pre_kernel, "causal_conv_bwd_d_pre", [*inputs, weight, _extend(d_out, rows)],
+        _d_pre_kernel, "causal_conv_bwd_d_pre", [*inputs, weight, _end(norm), _extend(d_out, rows)],
         [d_pre_shape, d_weight_shape], [pl.no_block_spec, d_weight_spec])
     stream = jax.ShapeDtypeStruct((batch, rows, channels), x.dtype)
     grads = launch.call(_input_grads_kernel, "causal_conv_bwd_inputs", [inputs.seg, weight, d_pre],

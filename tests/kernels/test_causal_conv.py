@@ -183,3 +183,65 @@ def test_gpu_backward_rejects_shapes_off_its_tiles(kernel, channels, message):
     with pytest.raises(ValueError, match=message):
         gpu.conv_silu_fwd(x, None, None, jnp.zeros((kernel, channels)),
                           jnp.zeros((1, 8), jnp.int32), None)
+
+
+@pytest.mark.parametrize("end", [0, 16, 48, 64])
+def test_reference_normalizes_the_heads_below_end(end):
+    """Heads of 16 channels that start below ``end`` are l2-normalised, the others untouched."""
+    y = jax.random.normal(jax.random.key(3), (2, 5, 64))
+    got = reference.normalize_heads(y, reference.HeadNorm(16, end))
+    for head in range(4):
+        block = y[..., 16 * head:16 * (head + 1)]
+        want = block / jnp.sqrt(jnp.sum(block * block, -1, keepdims=True) + reference.L2_EPS)
+        np.testing.assert_allclose(got[..., 16 * head:16 * (head + 1)],
+                                   want if 16 * head < end else block, **TOL)
+
+
+@pytest.mark.parametrize("tiling", [gpu.ConvTiling(16, 16, 4), gpu.ConvTiling(32, 16, 8, 2)])
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_kernels_with_normalized_heads_match_autodiff(block_size, tiling):
+    """Forward and backward kernels with the first 2 of 3 heads (16 channels each) l2-normalised,
+    the end given as an int32 scalar (as a channel shard computes it): against the jnp forward
+    and its autodiff."""
+    x, clean, context, weight, cotangent, segment_ids = case(length=70, channels=48)
+    handoff = None if block_size is None else clean
+    norm = reference.HeadNorm(16, jnp.int32(32))
+    out = gpu.conv_silu_fwd(x, context, handoff, weight, segment_ids, block_size, norm,
+                            tiling=tiling, interpret=True)
+    grads = gpu.conv_silu_bwd(x, context, handoff, weight, segment_ids, block_size, cotangent, norm,
+                              tiling=tiling, interpret=True)
+    padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, KERNEL, context=context,
+                                                    clean=handoff)
+
+    def forward(padded_x, padded_clean, weight):
+        return reference.conv_silu(padded_x, padded_clean, weight, padded_seg, block_size, norm)
+
+    np.testing.assert_allclose(out, forward(padded_x, padded_clean, weight), **TOL)
+    want = jax.grad(lambda *a: jnp.sum(forward(*a) * cotangent), (0, 1, 2))(
+        padded_x, padded_clean, weight)
+    pad = KERNEL - 1
+    np.testing.assert_allclose(grads.d_x, want[0][:, pad:], **TOL)
+    np.testing.assert_allclose(grads.d_context, want[0][:, :pad], **TOL)
+    np.testing.assert_allclose(grads.d_weight, want[2], **TOL)
+    if block_size is not None:
+        np.testing.assert_allclose(grads.d_clean, want[1][:, pad:], **TOL)
+
+
+def test_normalized_heads_through_the_public_function():
+    """``causal_conv_silu(norm=...)``: the GPU path (interpret mode, custom VJP) and the reference
+    backend agree in outputs and gradients; a head dim that does not divide the channels is an
+    error on the GPU path."""
+    x, _, context, weight, cotangent, segment_ids = case(length=37, channels=64)
+    norm = reference.HeadNorm(16, 32)
+
+    def loss(backend, x, weight):
+        out = causal_conv_silu(x, weight, segment_ids, context=context, norm=norm, backend=backend)
+        return jnp.sum(out * cotangent), out
+
+    (got, got_out), (want, want_out) = (
+        jax.grad(loss, (1, 2), has_aux=True)(b, x, weight) for b in ("gpu_interpret", "reference"))
+    np.testing.assert_allclose(got_out, want_out, **TOL)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, **TOL)
+    with pytest.raises(ValueError, match="head dim dividing the channels, got 24 of 64"):
+        causal_conv_silu(x, weight, segment_ids, norm=reference.HeadNorm(24, 32), backend="gpu")

@@ -68,7 +68,9 @@ def test_router_loss_is_reported_and_trained(moe_results):
     assert ref["weighted_vs_expected"] <= GRAD_RTOL * ref["grad_scale"]
     assert ref["router_effect"] > 1e-3 * ref["grad_scale"]
     weight0 = moe_results["weight0"]["metrics"][0]
-    assert weight0["router_aux_loss"] == first["router_aux_loss"]  # still reported
+    # Still reported: the same forward, compiled into another step program (no router
+    # gradient), whose fp32 fusions may round differently.
+    np.testing.assert_allclose(weight0["router_aux_loss"], first["router_aux_loss"], rtol=1e-6)
     np.testing.assert_allclose(weight0["loss"], ref["ce"], rtol=1e-6)
 
 
