@@ -17,6 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Compiles in 70 s instead of 37 s (docs/performance.md, "Unrolled layers").
     c.model.scan_layers = False
     # The head's cross-entropy over steps of 4096 tokens, gradients formed in the forward pass:
-    # 281.0 vs 301.5 ms per FLARE step at batch 2 (28.9% MFU), 4.4 GiB more temp memory.
+    # 281.0 vs 301.5 ms per FLARE step at batch 2, 4.4 GiB more temp memory.
     c.train.token_chunk = 4096
+    # Micro-batches of 4 rows per device train fastest that fit an 80 GB part: 489.7 ms per FLARE
+    # step (33.2% MFU, 65.6 GiB) against 265.5 ms at 2 rows (30.6%) on the H200; set
+    # train.grad_accum so that global_batch_size / (grad_accum * data devices) is 4
+    # (docs/performance.md, "Batch 4").
     return c

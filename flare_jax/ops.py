@@ -81,12 +81,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
 def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
                      context: jax.Array | None = None, clean: jax.Array | None = None,
                      block_size: int | None = None, l2_heads: tuple[int, int] | None = None,
-                     backend: str = "auto") -> jax.Array:
+                     split_at: tuple[int, ...] | None = None, backend: str = "auto"
+                     ) -> jax.Array | tuple[jax.Array, ...]:
     """The Gated DeltaNet's depthwise causal conv + SiLU over ``x [B, T, C]`` (document-aware,
     decoding ``context``, FLARE handoff from ``clean``); channels split like heads.
     ``l2_heads = (head_dim, channels)``: the heads of ``head_dim`` channels among the first
-    ``channels`` (q and k) come out l2-normalised."""
+    ``channels`` (q and k) come out l2-normalised. ``split_at``: the output as the parts of its
+    channels that start there (q, k, v), written apart by the kernels unless the channels are
+    split over devices (then split after)."""
     channel_ids = jnp.arange(x.shape[2], dtype=jnp.int32)
+    heads = x.shape[2] if l2_heads is None else x.shape[2] // l2_heads[0]  # shards hold whole heads
+    mesh = jax.sharding.get_abstract_mesh()
+    sharded = not mesh.empty and _split_axes(HEAD_AXES, heads, mesh) is not None
+    kernel_split = None if sharded else split_at
 
     def run(x, weight, segment_ids, context, clean, channel_ids):
         norm = None
@@ -94,16 +101,19 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
             norm = HeadNorm(l2_heads[0], l2_heads[1] - channel_ids[0])
         return causal_conv_api.causal_conv_silu(x, weight, segment_ids, context=context,
                                                 clean=clean, block_size=block_size, norm=norm,
-                                                backend=backend)
+                                                split_at=kernel_split, backend=backend)
 
     def specs(b, h):
         stream = P(b, None, h)
+        outs = stream if kernel_split is None else (stream,) * (len(kernel_split) + 1)
         return ((stream, P(None, h), P(b, None), None if context is None else stream,
-                 None if clean is None else stream, P(h)), stream)
+                 None if clean is None else stream, P(h)), outs)
 
-    heads = x.shape[2] if l2_heads is None else x.shape[2] // l2_heads[0]  # shards hold whole heads
-    return _per_shard(run, x.shape[0], (heads,), specs)(x, weight, segment_ids, context, clean,
-                                                          channel_ids)
+    out = _per_shard(run, x.shape[0], (heads,), specs)(x, weight, segment_ids, context, clean,
+                                                      channel_ids)
+    if split_at is not None and kernel_split is None:
+        return tuple(jnp.split(out, split_at, axis=-1))
+    return out
 
 
 MAX_CHUNK = 64

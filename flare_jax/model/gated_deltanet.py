@@ -39,17 +39,19 @@ class GatedDeltaNet(nnx.Module):
         self.norm = GatedRMSNorm(c.linear_value_head_dim, eps=c.rms_norm_eps, param_dtype=param_dtype)
         self.out_proj = Dense(c.linear_value_dim, c.hidden_size, **kw)
 
-    def _conv(self, mixed: jax.Array, segment_ids: jax.Array, **kwargs) -> jax.Array:
-        """Conv + SiLU of the q, k, v channels, q and k l2-normalised per head (fp32)."""
+    def _conv(self, mixed: jax.Array, segment_ids: jax.Array, **kwargs) -> tuple[jax.Array, ...]:
+        """``(q, k, v)``: conv + SiLU of the q, k, v channels, q and k l2-normalised per head
+        (fp32)."""
         c = self.config
         return ops.causal_conv_silu(mixed, self.conv_weight[...], segment_ids,
                                     l2_heads=(c.linear_key_head_dim, 2 * c.linear_key_dim),
+                                    split_at=(c.linear_key_dim, 2 * c.linear_key_dim),
                                     backend=self.backend, **kwargs)
 
-    def _inputs(self, x: jax.Array, conv_out: jax.Array) -> GatedDeltaInputs:
+    def _inputs(self, x: jax.Array, qkv: tuple[jax.Array, ...]) -> GatedDeltaInputs:
         c = self.config
         batch, length, _ = x.shape
-        q, k, v = jnp.split(conv_out, [c.linear_key_dim, 2 * c.linear_key_dim], axis=-1)
+        q, k, v = qkv
         q = q.reshape(batch, length, c.linear_num_key_heads, c.linear_key_head_dim)
         k = k.reshape(batch, length, c.linear_num_key_heads, c.linear_key_head_dim)
         v = v.reshape(batch, length, c.linear_num_value_heads, c.linear_value_head_dim)
@@ -81,8 +83,7 @@ class GatedDeltaNet(nnx.Module):
             keep = continues[:, None, None]
             context = jnp.where(keep, cache.conv, jnp.zeros_like(cache.conv))
             initial_state = jnp.where(keep[..., None], cache.state, jnp.zeros_like(cache.state))
-        conv_out = self._conv(mixed, segment_ids, context=context)
-        inputs = self._inputs(x, conv_out)
+        inputs = self._inputs(x, self._conv(mixed, segment_ids, context=context))
         o, state = ops.gated_delta(inputs, segment_ids=segment_ids, initial_state=initial_state,
                                    backend=self.backend)
         window = conv_window(mixed, segment_ids, context, self.config.linear_conv_kernel_dim)

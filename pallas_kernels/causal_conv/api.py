@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,31 +12,39 @@ from pallas_kernels.backend import resolve_backend
 from pallas_kernels.causal_conv import gpu, reference
 
 
-def _gpu_forward(x, context, clean, weight, segment_ids, norm_end, block_size, head_dim,
-                 interpret):
-    return gpu.conv_silu_fwd(x, context, clean, weight, segment_ids, block_size,
-                             _norm(head_dim, norm_end), interpret=interpret)
+class _Static(NamedTuple):
+    """The GPU path's static arguments."""
+
+    block_size: int | None
+    head_dim: int | None  # of the l2-normalised heads (None: none)
+    split_at: tuple[int, ...]
+    interpret: bool
+
+    def norm(self, end) -> reference.HeadNorm | None:
+        return None if self.head_dim is None else reference.HeadNorm(self.head_dim, end)
 
 
-def _norm(head_dim: int | None, end) -> reference.HeadNorm | None:
-    return None if head_dim is None else reference.HeadNorm(head_dim, end)
+def _gpu_forward(x, context, clean, weight, segment_ids, norm_end, static):
+    return tuple(gpu.conv_silu_fwd(x, context, clean, weight, segment_ids, static.block_size,
+                                   static.norm(norm_end), static.split_at,
+                                   interpret=static.interpret))
 
 
-_gpu_conv = jax.custom_vjp(_gpu_forward, nondiff_argnums=(6, 7, 8))
+_gpu_conv = jax.custom_vjp(_gpu_forward, nondiff_argnums=(6,))
 
 
-def _fwd(x, context, clean, weight, segment_ids, norm_end, block_size, head_dim, interpret):
+def _fwd(x, context, clean, weight, segment_ids, norm_end, static):
     # The residuals are the caller's arrays (the projection's output, which a remat policy
     # keeps).
-    out = _gpu_forward(x, context, clean, weight, segment_ids, norm_end, block_size, head_dim,
-                       interpret)
+    out = _gpu_forward(x, context, clean, weight, segment_ids, norm_end, static)
     return out, (x, context, clean, weight, segment_ids, norm_end)
 
 
-def _bwd(block_size, head_dim, interpret, residuals, d_out):
+def _bwd(static, residuals, d_out):
     x, context, clean, weight, segment_ids, norm_end = residuals
-    grads = gpu.conv_silu_bwd(x, context, clean, weight, segment_ids, block_size, d_out,
-                              _norm(head_dim, norm_end), interpret=interpret)
+    grads = gpu.conv_silu_bwd(x, context, clean, weight, segment_ids, static.block_size,
+                              list(d_out), static.norm(norm_end), static.split_at,
+                              interpret=static.interpret)
     d_context = None if context is None else grads.d_context.astype(context.dtype)
     d_end = None if norm_end is None else np.zeros(np.shape(norm_end), jax.dtypes.float0)
     return (grads.d_x, d_context, grads.d_clean, grads.d_weight.astype(weight.dtype),
@@ -65,7 +75,8 @@ def pad_inputs(x: jax.Array, segment_ids: jax.Array, kernel: int, *,
 def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
                      context: jax.Array | None = None, clean: jax.Array | None = None,
                      block_size: int | None = None, norm: reference.HeadNorm | None = None,
-                     backend: str = "auto") -> jax.Array:
+                     split_at: tuple[int, ...] | None = None, backend: str = "auto"
+                     ) -> jax.Array | tuple[jax.Array, ...]:
     """``silu(sum_k weight[K-1-k] * x[t-k])`` over taps of ``t``'s document, fp32, in ``x``'s dtype.
 
     Args:
@@ -77,6 +88,8 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
         block boundary, and taps that reach before the start of ``t``'s block read ``clean``.
       norm: l2-normalise (fp32, before the cast) the output's heads of ``norm.head_dim``
         channels that start below channel ``norm.end`` (the Gated DeltaNet's q and k).
+      split_at: return the output as the parts of its channels that start at these channels
+        (``jnp.split``'s indices; the GPU kernels write each part as its own array).
       backend: ``gpu`` runs the forward and the backward as Pallas kernels (``gpu_interpret``:
         in interpret mode); every other backend runs the jnp forward (one XLA fusion) and its
         autodiff.
@@ -89,8 +102,11 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
     backend = resolve_backend(backend)
     if backend in ("gpu", "gpu_interpret"):
         end = None if norm is None else jnp.asarray(norm.end, jnp.int32)
-        return _gpu_conv(x, context, clean, weight, segment_ids, end, block_size,
-                         None if norm is None else norm.head_dim, backend == "gpu_interpret")
+        static = _Static(block_size, None if norm is None else norm.head_dim,
+                         tuple(split_at or ()), backend == "gpu_interpret")
+        parts = _gpu_conv(x, context, clean, weight, segment_ids, end, static)
+        return parts if split_at is not None else parts[0]
     padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, weight.shape[0],
                                                     context=context, clean=clean)
-    return reference.conv_silu(padded_x, padded_clean, weight, padded_seg, block_size, norm)
+    out = reference.conv_silu(padded_x, padded_clean, weight, padded_seg, block_size, norm)
+    return out if split_at is None else tuple(jnp.split(out, split_at, axis=-1))

@@ -114,6 +114,36 @@ class _Tile:
         """``value`` into rows ``t0 + [0, BLOCK_T)`` of a ``[B, rows, C]`` ref, in its dtype."""
         ref[self.b, pl.ds(self.t0, self.block_t), self.cs] = value.astype(ref.dtype)
 
+    def _columns(self, starts: tuple[int, ...], index: int) -> pl.Slice:
+        """The tile's channels as columns of part ``index`` (parts start at ``starts``)."""
+        return pl.ds(self.c0 - starts[index], self.block_c)
+
+    def store_parts(self, refs: list, starts: tuple[int, ...], value: jax.Array) -> None:
+        """``value`` into the part of the channels that holds the tile's (one ref per part)."""
+        ends = (*starts[1:], None)
+        for index, ref in enumerate(refs):
+            inside = self.c0 >= starts[index]
+            if ends[index] is not None:
+                inside = inside & (self.c0 < ends[index])
+
+            cols = self._columns(starts, index)
+
+            @pl.when(inside)
+            def _(ref=ref, cols=cols):
+                ref[self.b, pl.ds(self.t0, self.block_t), cols] = value.astype(ref.dtype)
+
+    def load_parts(self, refs: list, starts: tuple[int, ...], index: int = 0) -> jax.Array:
+        """The tile's rows (fp32) from the part of the channels that holds them: each load runs
+        only in its own branch, so none reads out of its part."""
+        def rows() -> jax.Array:
+            cols = self._columns(starts, index)
+            return refs[index][self.b, pl.ds(self.t0, self.block_t), cols].astype(F32)
+
+        if index == len(refs) - 1:
+            return rows()
+        return jax.lax.cond(self.c0 < starts[index + 1], rows,
+                            lambda: self.load_parts(refs, starts, index + 1))
+
     def segs(self, shift: int) -> jax.Array:
         """Padded segment ids (``K - 1`` rows before the row) from row ``t0 + shift``."""
         return self.seg_ref[self.b, pl.ds(self.t0 + shift, self.block_t)]
@@ -175,8 +205,9 @@ class _Rows(NamedTuple):
     clean_head: Any
 
 
-def _fwd_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref, out_ref,
-                **shape: int | None):
+def _fwd_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref, *out_refs,
+                starts: tuple[int, ...], **shape: int | None):
+    """Outputs: one ref per part of the channels (``starts``)."""
     rows = _Rows(x_ref, x_head, clean_ref, clean_head)
 
     def step(tile: _Tile, carry: tuple) -> tuple:
@@ -184,16 +215,19 @@ def _fwd_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref, o
         normalized = tile.normalized(end_ref)
         if normalized is not None:
             y = jnp.where(normalized, _l2_normalize(y)[0], y)
-        tile.store(out_ref, y)
+        tile.store_parts(list(out_refs), starts, y)
         return carry
 
     _Tile(w_ref, seg_ref, **shape).walk(step, ())
 
 
-def _d_pre_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref, dy_ref, dpre_ref,
-                  dw_ref, **shape: int | None):
+def _d_pre_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref, *refs,
+                  starts: tuple[int, ...], **shape: int | None):
     """``d_pre`` of the program's outputs (fp32) and their weight-gradient partial sum; through
-    the l2 normalisation of the tile's head where it is normalised."""
+    the l2 normalisation of the tile's head where it is normalised. ``refs``: the output
+    cotangent, one ref per part of the channels (``starts``), then ``d_pre`` and the partial
+    sums."""
+    *dy_refs, dpre_ref, dw_ref = refs
     program = _Tile(w_ref, seg_ref, **shape)
     rows = _Rows(x_ref, x_head, clean_ref, clean_head)
 
@@ -201,7 +235,7 @@ def _d_pre_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref,
         taps = tile.taps(rows)
         pre = tile.pre(taps)
         sig = jax.nn.sigmoid(pre)
-        dy = tile.rows(dy_ref).astype(F32)
+        dy = tile.load_parts(dy_refs, starts)
         normalized = tile.normalized(end_ref)
         if normalized is not None:
             y_n, inv = _l2_normalize(pre * sig)
@@ -323,19 +357,32 @@ def _end(norm: HeadNorm | None) -> jax.Array | None:
     return None if norm is None else jnp.asarray(norm.end, jnp.int32).reshape(1)
 
 
+def _starts(channels: int, split_at: tuple[int, ...], block_c: int) -> tuple[int, ...]:
+    """First channel of every part; the parts must hold whole channel tiles."""
+    starts = (0, *split_at)
+    if any(b % block_c for b in split_at) or list(starts) != sorted(set(starts)) or starts[-1] >= channels:
+        raise ValueError(f"conv output parts must start at increasing multiples of the kernel's "
+                         f"{block_c}-channel tile below {channels}, got {split_at}")
+    return starts
+
+
 def conv_silu_fwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
                   weight: jax.Array, segment_ids: jax.Array, block_size: int | None,
-                  norm: HeadNorm | None = None, *, tiling: ConvTiling = FWD_TILING,
-                  interpret: bool = False) -> jax.Array:
+                  norm: HeadNorm | None = None, split_at: tuple[int, ...] = (), *,
+                  tiling: ConvTiling = FWD_TILING, interpret: bool = False) -> list[jax.Array]:
     """The causal conv + SiLU of ``x [B, T, C]`` (arguments as :func:`api.causal_conv_silu`
-    takes them) as one kernel: ``[B, T, C]`` in x's dtype."""
+    takes them) as one kernel: ``[B, T, C]`` in x's dtype, written as the parts of its channels
+    that start at ``split_at`` (one array each)."""
     launch = _Launch.of(x, weight, block_size, clean is not None, tiling, interpret, norm)
     batch, length, channels = x.shape
     rows = launch.tiles * tiling.block_t
+    starts = _starts(channels, split_at, launch.static["block_c"])
     inputs = _Inputs.of(x, context, clean, segment_ids, rows, tiling.block_t, weight.shape[0] - 1)
-    (out,) = launch.call(_fwd_kernel, "causal_conv_fwd", [*inputs, weight, _end(norm)],
-                         [jax.ShapeDtypeStruct((batch, rows, channels), x.dtype)])
-    return out[:, :length]
+    widths = [b - a for a, b in zip(starts, (*starts[1:], channels), strict=True)]
+    outs = launch.call(_fwd_kernel, "causal_conv_fwd", [*inputs, weight, _end(norm)],
+                       [jax.ShapeDtypeStruct((batch, rows, w), x.dtype) for w in widths],
+                       starts=starts)
+    return [out[:, :length] for out in outs]
 
 
 def _context_grad(d_pre: jax.Array, weight: jax.Array, padded_seg: jax.Array,
@@ -359,11 +406,13 @@ def _context_grad(d_pre: jax.Array, weight: jax.Array, padded_seg: jax.Array,
 
 def conv_silu_bwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
                   weight: jax.Array, segment_ids: jax.Array, block_size: int | None,
-                  d_out: jax.Array, norm: HeadNorm | None = None, *,
-                  tiling: ConvTiling | None = None, interpret: bool = False) -> ConvGrads:
-    """Gradients of :func:`conv_silu_fwd` for the output cotangent ``d_out [B, T, C]``: the
-    row's and the clean stream's in their dtype, the context's and the weight's in fp32
-    (``tiling`` default: ``BWD_TILING``, ``NORM_BWD_TILING`` with ``norm``)."""
+                  d_out: list[jax.Array], norm: HeadNorm | None = None,
+                  split_at: tuple[int, ...] = (), *, tiling: ConvTiling | None = None,
+                  interpret: bool = False) -> ConvGrads:
+    """Gradients of :func:`conv_silu_fwd` for the cotangents ``d_out`` of its parts
+    (``[B, T, width]`` each): the row's and the clean stream's in their dtype, the context's and
+    the weight's in fp32 (``tiling`` default: ``BWD_TILING``, ``NORM_BWD_TILING`` with
+    ``norm``)."""
     handoff = clean is not None
     if tiling is None:
         tiling = BWD_TILING if norm is None else NORM_BWD_TILING
@@ -373,6 +422,7 @@ def conv_silu_bwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | No
     block_t = tiling.block_t
     rows = launch.tiles * block_t
     inputs = _Inputs.of(x, context, clean, segment_ids, rows, block_t, pad)
+    starts = _starts(channels, split_at, launch.static["block_c"])
     # One tile more than the outputs: the shifted loads of the last tile's inputs read into it
     # (never written; those outputs do not exist and are masked).
     d_pre_shape = jax.ShapeDtypeStruct((batch, rows + block_t, channels), F32)
@@ -380,8 +430,9 @@ def conv_silu_bwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | No
     d_weight_shape = jax.ShapeDtypeStruct((batch, runs, pad + 1, channels), F32)
     d_weight_spec = pl.BlockSpec((None, None, pad + 1, block_c), lambda b, i, c: (b, i, 0, c))
     d_pre, d_weight = launch.call(
-        _d_pre_kernel, "causal_conv_bwd_d_pre", [*inputs, weight, _end(norm), _extend(d_out, rows)],
-        [d_pre_shape, d_weight_shape], [pl.no_block_spec, d_weight_spec])
+        _d_pre_kernel, "causal_conv_bwd_d_pre",
+        [*inputs, weight, _end(norm), *(_extend(d, rows) for d in d_out)],
+        [d_pre_shape, d_weight_shape], [pl.no_block_spec, d_weight_spec], starts=starts)
     stream = jax.ShapeDtypeStruct((batch, rows, channels), x.dtype)
     grads = launch.call(_input_grads_kernel, "causal_conv_bwd_inputs", [inputs.seg, weight, d_pre],
                         [stream, stream] if handoff else [stream], length=length)

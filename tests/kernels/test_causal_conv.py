@@ -106,9 +106,9 @@ def test_kernels_match_reference_at_every_tiling(block_size, tiling):
     handoff = None if block_size is None else clean
     padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, KERNEL, context=context,
                                                     clean=handoff)
-    out = gpu.conv_silu_fwd(x, context, handoff, weight, segment_ids, block_size, tiling=tiling,
-                            interpret=True)
-    grads = gpu.conv_silu_bwd(x, context, handoff, weight, segment_ids, block_size, cotangent,
+    (out,) = gpu.conv_silu_fwd(x, context, handoff, weight, segment_ids, block_size,
+                               tiling=tiling, interpret=True)
+    grads = gpu.conv_silu_bwd(x, context, handoff, weight, segment_ids, block_size, [cotangent],
                               tiling=tiling, interpret=True)
 
     def forward(padded_x, padded_clean, weight):
@@ -127,8 +127,8 @@ def test_kernels_match_reference_at_every_tiling(block_size, tiling):
 
 @pytest.mark.parametrize("block_size", [None, 32])
 def test_gpu_path_lowers_to_triton(block_size):
-    """Forward and backward through the custom VJP (the model's path) are three Triton kernels,
-    lowered for CUDA on this CPU-only machine."""
+    """Forward and backward through the custom VJP are three Triton kernels, lowered for CUDA on
+    this CPU-only machine; also as the model calls it (normalised heads, three parts)."""
     x = jnp.zeros((2, 64, 256), jnp.bfloat16)
     weight = jnp.zeros((KERNEL, 256))
     segment_ids = jnp.zeros((2, 64), jnp.int32)
@@ -139,8 +139,15 @@ def test_gpu_path_lowers_to_triton(block_size):
         return jax.grad(lambda x, w: jnp.sum(causal_conv_silu(
             x, w, segment_ids, backend="gpu", **handoff).astype(jnp.float32)), (0, 1))(x, weight)
 
-    text = jax.jit(grads).trace(x, weight, clean).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 3
+    def split_grads(x, weight, clean):  # the model's call: q, k normalised, three parts
+        handoff = {} if clean is None else dict(clean=clean, block_size=block_size)
+        return jax.grad(lambda x, w: sum(jnp.sum(part.astype(jnp.float32)) for part in causal_conv_silu(
+            x, w, segment_ids, norm=reference.HeadNorm(64, 128), split_at=(64, 128), backend="gpu",
+            **handoff)), (0, 1))(x, weight)
+
+    for fn in (grads, split_grads):
+        text = jax.jit(fn).trace(x, weight, clean).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 3
 
 
 @pytest.mark.parametrize("block_size", [None, 32])
@@ -155,7 +162,7 @@ def test_kernels_lower_to_triton_walking_tiles(block_size):
 
     def kernels(x, clean, weight, d_out):
         return (gpu.conv_silu_fwd(x, None, clean, weight, segment_ids, block_size, tiling=tiling),
-                gpu.conv_silu_bwd(x, None, clean, weight, segment_ids, block_size, d_out,
+                gpu.conv_silu_bwd(x, None, clean, weight, segment_ids, block_size, [d_out],
                                   tiling=tiling))
 
     text = jax.jit(kernels).trace(x, clean, weight, x).lower(
@@ -179,7 +186,7 @@ def test_gpu_backward_rejects_shapes_off_its_tiles(kernel, channels, message):
     x = jnp.zeros((1, 8, channels))
     with pytest.raises(ValueError, match=message):
         gpu.conv_silu_bwd(x, None, None, jnp.zeros((kernel, channels)),
-                          jnp.zeros((1, 8), jnp.int32), None, x)
+                          jnp.zeros((1, 8), jnp.int32), None, [x])
     with pytest.raises(ValueError, match=message):
         gpu.conv_silu_fwd(x, None, None, jnp.zeros((kernel, channels)),
                           jnp.zeros((1, 8), jnp.int32), None)
@@ -201,14 +208,17 @@ def test_reference_normalizes_the_heads_below_end(end):
 @pytest.mark.parametrize("block_size", [None, 4])
 def test_kernels_with_normalized_heads_match_autodiff(block_size, tiling):
     """Forward and backward kernels with the first 2 of 3 heads (16 channels each) l2-normalised,
-    the end given as an int32 scalar (as a channel shard computes it): against the jnp forward
-    and its autodiff."""
+    the end given as an int32 scalar (as a channel shard computes it), the output written as
+    three arrays and the cotangent read from three: against the jnp forward and its autodiff."""
     x, clean, context, weight, cotangent, segment_ids = case(length=70, channels=48)
     handoff = None if block_size is None else clean
     norm = reference.HeadNorm(16, jnp.int32(32))
-    out = gpu.conv_silu_fwd(x, context, handoff, weight, segment_ids, block_size, norm,
-                            tiling=tiling, interpret=True)
-    grads = gpu.conv_silu_bwd(x, context, handoff, weight, segment_ids, block_size, cotangent, norm,
+    split_at = (16, 32)  # three parts, as q, k and v
+    parts = gpu.conv_silu_fwd(x, context, handoff, weight, segment_ids, block_size, norm, split_at,
+                              tiling=tiling, interpret=True)
+    out = jnp.concatenate(parts, axis=-1)
+    grads = gpu.conv_silu_bwd(x, context, handoff, weight, segment_ids, block_size,
+                              jnp.split(cotangent, split_at, axis=-1), norm, split_at,
                               tiling=tiling, interpret=True)
     padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, KERNEL, context=context,
                                                     clean=handoff)
@@ -228,15 +238,18 @@ def test_kernels_with_normalized_heads_match_autodiff(block_size, tiling):
 
 
 def test_normalized_heads_through_the_public_function():
-    """``causal_conv_silu(norm=...)``: the GPU path (interpret mode, custom VJP) and the reference
-    backend agree in outputs and gradients; a head dim that does not divide the channels is an
-    error on the GPU path."""
+    """``causal_conv_silu(norm=..., split_at=...)``: the GPU path (interpret mode, custom VJP,
+    parts of 16, 32 and 16 channels) and the reference backend agree in outputs and gradients;
+    a head dim that does not divide the channels, and parts off the channel tiles, are errors
+    on the GPU path."""
     x, _, context, weight, cotangent, segment_ids = case(length=37, channels=64)
     norm = reference.HeadNorm(16, 32)
 
     def loss(backend, x, weight):
-        out = causal_conv_silu(x, weight, segment_ids, context=context, norm=norm, backend=backend)
-        return jnp.sum(out * cotangent), out
+        parts = causal_conv_silu(x, weight, segment_ids, context=context, norm=norm,
+                                 split_at=(16, 48), backend=backend)
+        out = jnp.concatenate(parts, axis=-1)
+        return jnp.sum(out * cotangent * jnp.arange(64)), out
 
     (got, got_out), (want, want_out) = (
         jax.grad(loss, (1, 2), has_aux=True)(b, x, weight) for b in ("gpu_interpret", "reference"))
@@ -245,3 +258,5 @@ def test_normalized_heads_through_the_public_function():
         np.testing.assert_allclose(a, b, **TOL)
     with pytest.raises(ValueError, match="head dim dividing the channels, got 24 of 64"):
         causal_conv_silu(x, weight, segment_ids, norm=reference.HeadNorm(24, 32), backend="gpu")
+    with pytest.raises(ValueError, match="multiples of the kernel's 16-channel tile below 64, got"):
+        causal_conv_silu(x, weight, segment_ids, norm=norm, split_at=(8,), backend="gpu")
