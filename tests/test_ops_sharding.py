@@ -1,6 +1,7 @@
 """Kernels under a mesh (flare_jax/ops.py): each op runs per shard through ``shard_map`` (rows over
 the batch axes, heads over ``tensor`` where they divide) and gives the unsharded values and
-gradients. Run in a subprocess with 4 CPU devices."""
+gradients; the conv with l2-normalised q, k heads and q / k / v parts also where a tensor shard
+holds parts of two of them. Run in a subprocess with 4 CPU devices."""
 
 import json
 import sys
@@ -43,17 +44,26 @@ def worker(out: Path) -> None:
     positions = jnp.broadcast_to(jnp.arange(length), segments.shape)
     layout = TokenLayout.causal(segments, positions)
     args = (stream(), stream(), normal((batch, length, heads, dim)),
-            normal((batch, length, 2, dim)), normal((batch, length, 2, dim)))
+            normal((batch, length, 2, dim)), normal((batch, length, 2, dim)),
+            normal((batch, length, 6 * dim)), normal((batch, length, 6 * dim)))
+    conv_weight = normal((4, 6 * dim))
 
-    def loss(clean, noisy, q, k, v):
+    def conv(x, clean=None):  # 6 heads of q | k | v, 2 each; q and k normalised
+        handoff = {} if clean is None else dict(clean=clean, block_size=4)
+        return ops.causal_conv_silu(x, conv_weight, segments, l2_heads=(dim, 4 * dim),
+                                    split_at=(2 * dim, 4 * dim), backend="gpu_interpret", **handoff)
+
+    def loss(clean, noisy, q, k, v, mixed, mixed_noisy):
         o, state = ops.gated_delta(clean, segment_ids=segments)
         o_clean, o_noisy = ops.gated_delta_handoff(clean, noisy, segment_ids=segments,
                                                    block_size=4)
         attended = ops.attention(q, k, v, layout, layout)
+        parts = conv(mixed) + conv(mixed_noisy, mixed)
         return (jnp.sum(o * jnp.cos(o)) + jnp.sum(state ** 2) + jnp.sum(o_clean * o_noisy)
-                + jnp.sum(attended * jnp.sin(attended)))
+                + jnp.sum(attended * jnp.sin(attended))
+                + sum(jnp.sum(p * jnp.sin(p + i)) for i, p in enumerate(parts)))
 
-    grad = jax.value_and_grad(loss, argnums=range(5))
+    grad = jax.value_and_grad(loss, argnums=range(7))
     reference = jax.tree.leaves(jax.jit(grad)(*args))
     result = {"no_mesh_shard_maps": str(jax.make_jaxpr(loss)(*args)).count("shard_map")}
     for name, shape in MESHES.items():
@@ -69,9 +79,10 @@ def worker(out: Path) -> None:
 def test_ops_run_per_shard_and_match_one_device(tmp_path):
     result = run_with_devices(__file__, 4, tmp_path / "result.json")
     assert result["no_mesh_shard_maps"] == 0
-    # batch split (and heads over tensor): one shard_map per op
-    assert result["fsdp2_tensor2"]["shard_maps"] == 3 and result["data4"]["shard_maps"] == 3
-    # two key / kv heads do not split four ways and there is no batch axis: ops run unsharded
+    # batch split (and heads over tensor, the conv's channels too): one shard_map per op
+    assert result["fsdp2_tensor2"]["shard_maps"] == 5 and result["data4"]["shard_maps"] == 5
+    # two key / kv heads (six conv heads) do not split four ways and there is no batch axis:
+    # ops run unsharded
     assert result["tensor4"]["shard_maps"] == 0
     for name in MESHES:
         assert result[name]["max_rel_error"] <= RTOL, (name, result[name])
