@@ -3,8 +3,9 @@ forward and backward kernels), autodiff of the jnp forward (``backend="reference
 fuses on its own), and XLA's depthwise ``conv_general_dilated`` + SiLU (one document, no handoff)
 on the same bf16 inputs; plain (four documents per row) and FLARE handoff (block 32). Shape
 defaults to one FLARE stream of a Qwen3.5-0.8B linear layer in the batch-4 train step (4 x 4096
-tokens, conv dim 6144, kernel 4). Milliseconds per call (10 calls back to back, median of 10 such
-runs, after a warm-up); also the largest gradient difference between ours and autodiff.
+tokens, conv dim 6144, kernel 4). Milliseconds per call (``gated_delta.timeit``: 10 calls back
+to back, median of 5 such runs, after a warm-up); also the largest gradient difference between
+ours and autodiff.
 ``--sweep`` also times our kernels alone at each ``gpu.ConvTiling`` of ``SWEEP``.
 
     python benchmarks/conv.py [--batch 4] [--tokens 4096] [--channels 6144] [--sweep] [--json F]
@@ -14,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from gated_delta import timeit
 
 from pallas_kernels.causal_conv import causal_conv_silu, gpu
 
@@ -40,19 +40,6 @@ def xla_conv_silu(x: jax.Array, weight: jax.Array) -> jax.Array:
 LOOPS = [(1, 1)] + [(tiles, stages) for tiles in (4, 8) for stages in (1, 2, 3)]
 SWEEP = [gpu.ConvTiling(32, c, w, tiles, stages) for c in (64, 128) for w in (4, 8)
          for tiles, stages in LOOPS]
-
-
-def timed(fn, *args, calls: int = 10, iters: int = 10) -> float:
-    """Median milliseconds per call of ``calls`` back-to-back calls (compilation excluded)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) * 1e3 / calls)
-    return statistics.median(times)
 
 
 def gradients(fn):
@@ -78,8 +65,8 @@ def bench(batch: int, tokens: int, channels: int, block_size: int, sweep: bool) 
         if mode == "plain" and batch == 1:
             peers.append(("xla_conv", xla_conv_silu))
         for name, fn in peers:
-            row[f"{mode}_{name}_fwd"] = timed(jax.jit(fn), x, second)
-            row[f"{mode}_{name}_fwd_bwd"] = timed(gradients(fn), x, second)
+            row[f"{mode}_{name}_fwd"] = timeit(jax.jit(fn), x, second)
+            row[f"{mode}_{name}_fwd_bwd"] = timeit(gradients(fn), x, second)
         ours, auto = gradients(peers[0][1])(x, second), gradients(peers[1][1])(x, second)
         row[f"{mode}_max_rel_grad_diff"] = max(
             float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
@@ -95,8 +82,8 @@ def bench(batch: int, tokens: int, channels: int, block_size: int, sweep: bool) 
                           gpu.conv_silu_fwd(x, None, c, w, seg, block, tiling=tiling))
             bwd = jax.jit(lambda x, c, w, seg, dy, tiling=tiling, block=block:
                           gpu.conv_silu_bwd(x, None, c, w, seg, block, dy, tiling=tiling))
-            row[f"{name}_fwd_kernel"] = timed(fwd, x, handoff, weight, segment_ids)
-            row[f"{name}_bwd_kernels"] = timed(bwd, x, handoff, weight, segment_ids, x)
+            row[f"{name}_fwd_kernel"] = timeit(fwd, x, handoff, weight, segment_ids)
+            row[f"{name}_bwd_kernels"] = timeit(bwd, x, handoff, weight, segment_ids, x)
     return row
 
 

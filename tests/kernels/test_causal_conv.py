@@ -95,26 +95,26 @@ TILINGS = [gpu.ConvTiling(16, 16, 4), gpu.ConvTiling(32, 32, 4), gpu.ConvTiling(
            gpu.ConvTiling(32, 16, 8, tiles_per_program=4)]
 
 
-@pytest.mark.parametrize("tiling", TILINGS)
-@pytest.mark.parametrize("block_size", [None, 4, 32])
-def test_kernels_match_reference_at_every_tiling(block_size, tiling):
-    """Forward and backward kernels at the tilings ``benchmarks/conv.py --sweep`` times: outputs,
-    and gradients of the row, the context rows, the clean stream and the weight, against the jnp
-    forward and its autodiff on the padded inputs (70 positions: the last tile partly past the
-    end at every tile size, and runs of tiles padded past it)."""
-    x, clean, context, weight, cotangent, segment_ids = case(length=70, channels=32)
+def check_kernels(block_size, tiling, channels, norm=None, split_at=()):
+    """Forward and backward kernels (interpret mode) on 70 positions (the last tile partly past
+    the end at every tile size, runs of tiles padded past it): outputs, and gradients of the row,
+    the context rows, the clean stream and the weight, against the jnp forward and its autodiff
+    on the padded inputs."""
+    x, clean, context, weight, cotangent, segment_ids = case(length=70, channels=channels)
     handoff = None if block_size is None else clean
+    parts = gpu.conv_silu_fwd(x, context, handoff, weight, segment_ids, block_size, norm, split_at,
+                              tiling=tiling, interpret=True)
+    grads = gpu.conv_silu_bwd(x, context, handoff, weight, segment_ids, block_size,
+                              jnp.split(cotangent, split_at, axis=-1), norm, split_at,
+                              tiling=tiling, interpret=True)
     padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, KERNEL, context=context,
                                                     clean=handoff)
-    (out,) = gpu.conv_silu_fwd(x, context, handoff, weight, segment_ids, block_size,
-                               tiling=tiling, interpret=True)
-    grads = gpu.conv_silu_bwd(x, context, handoff, weight, segment_ids, block_size, [cotangent],
-                              tiling=tiling, interpret=True)
 
     def forward(padded_x, padded_clean, weight):
-        return reference.conv_silu(padded_x, padded_clean, weight, padded_seg, block_size)
+        return reference.conv_silu(padded_x, padded_clean, weight, padded_seg, block_size, norm)
 
-    np.testing.assert_allclose(out, forward(padded_x, padded_clean, weight), **TOL)
+    np.testing.assert_allclose(jnp.concatenate(parts, axis=-1),
+                               forward(padded_x, padded_clean, weight), **TOL)
     want = jax.grad(lambda *a: jnp.sum(forward(*a) * cotangent), (0, 1, 2))(
         padded_x, padded_clean, weight)
     pad = KERNEL - 1
@@ -123,6 +123,22 @@ def test_kernels_match_reference_at_every_tiling(block_size, tiling):
     np.testing.assert_allclose(grads.d_weight, want[2], **TOL)
     if block_size is not None:
         np.testing.assert_allclose(grads.d_clean, want[1][:, pad:], **TOL)
+
+
+@pytest.mark.parametrize("tiling", TILINGS)
+@pytest.mark.parametrize("block_size", [None, 4, 32])
+def test_kernels_match_reference_at_every_tiling(block_size, tiling):
+    """The kernels at the tilings ``benchmarks/conv.py --sweep`` times (``check_kernels``)."""
+    check_kernels(block_size, tiling, channels=32)
+
+
+@pytest.mark.parametrize("tiling", [gpu.ConvTiling(16, 16, 4), gpu.ConvTiling(32, 16, 8, 2)])
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_kernels_with_normalized_heads_match_autodiff(block_size, tiling):
+    """The first 2 of 3 heads (16 channels each) l2-normalised, the end given as an int32
+    scalar (as a channel shard computes it), the output written as three arrays and the
+    cotangent read from three (as q, k and v)."""
+    check_kernels(block_size, tiling, 48, reference.HeadNorm(16, jnp.int32(32)), (16, 32))
 
 
 @pytest.mark.parametrize("block_size", [None, 32])
@@ -202,39 +218,6 @@ def test_reference_normalizes_the_heads_below_end(end):
         want = block / jnp.sqrt(jnp.sum(block * block, -1, keepdims=True) + reference.L2_EPS)
         np.testing.assert_allclose(got[..., 16 * head:16 * (head + 1)],
                                    want if 16 * head < end else block, **TOL)
-
-
-@pytest.mark.parametrize("tiling", [gpu.ConvTiling(16, 16, 4), gpu.ConvTiling(32, 16, 8, 2)])
-@pytest.mark.parametrize("block_size", [None, 4])
-def test_kernels_with_normalized_heads_match_autodiff(block_size, tiling):
-    """Forward and backward kernels with the first 2 of 3 heads (16 channels each) l2-normalised,
-    the end given as an int32 scalar (as a channel shard computes it), the output written as
-    three arrays and the cotangent read from three: against the jnp forward and its autodiff."""
-    x, clean, context, weight, cotangent, segment_ids = case(length=70, channels=48)
-    handoff = None if block_size is None else clean
-    norm = reference.HeadNorm(16, jnp.int32(32))
-    split_at = (16, 32)  # three parts, as q, k and v
-    parts = gpu.conv_silu_fwd(x, context, handoff, weight, segment_ids, block_size, norm, split_at,
-                              tiling=tiling, interpret=True)
-    out = jnp.concatenate(parts, axis=-1)
-    grads = gpu.conv_silu_bwd(x, context, handoff, weight, segment_ids, block_size,
-                              jnp.split(cotangent, split_at, axis=-1), norm, split_at,
-                              tiling=tiling, interpret=True)
-    padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, KERNEL, context=context,
-                                                    clean=handoff)
-
-    def forward(padded_x, padded_clean, weight):
-        return reference.conv_silu(padded_x, padded_clean, weight, padded_seg, block_size, norm)
-
-    np.testing.assert_allclose(out, forward(padded_x, padded_clean, weight), **TOL)
-    want = jax.grad(lambda *a: jnp.sum(forward(*a) * cotangent), (0, 1, 2))(
-        padded_x, padded_clean, weight)
-    pad = KERNEL - 1
-    np.testing.assert_allclose(grads.d_x, want[0][:, pad:], **TOL)
-    np.testing.assert_allclose(grads.d_context, want[0][:, :pad], **TOL)
-    np.testing.assert_allclose(grads.d_weight, want[2], **TOL)
-    if block_size is not None:
-        np.testing.assert_allclose(grads.d_clean, want[1][:, pad:], **TOL)
 
 
 def test_normalized_heads_through_the_public_function():
