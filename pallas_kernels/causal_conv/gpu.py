@@ -12,8 +12,10 @@ length is not a whole number of runs of tiles); segment ids are padded like
 
 - forward: ``silu(pre)``, ``pre = sum_j weight[K-1-j] tap_j`` (masked to the output's document;
   in the FLARE handoff a tap that reaches before the start of the output's block reads the clean
-  stream);
-- backward, first kernel: ``d_pre = dy silu'(pre)`` (pre recomputed from the taps) stored once in
+  stream); optionally l2-normalised per head (``HeadNorm``: a channel tile is then one head) and
+  written as parts of the channels, one array each (the Gated DeltaNet's q, k, v);
+- backward, first kernel: ``d_pre = dy silu'(pre)`` (pre recomputed from the taps; ``dy`` read
+  from the part that holds the tile, through the normalisation's backward) stored once in
   fp32; the weight-gradient products ``d_pre tap_j`` are summed elementwise in ``K`` fp32
   ``[BLOCK_T, BLOCK_C]`` accumulators over the program's tiles and reduced over positions once,
   one partial sum per program;

@@ -29,7 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gated_delta import reference
 from pallas_kernels.gated_delta.gpu import ScanOperands, check_shapes
-from pallas_kernels.gated_delta.gpu_prep import _dot
+from pallas_kernels.gated_delta.gpu_prep import dot
 from pallas_kernels.gated_delta.reference import F32, ChunkTensors, flat_chunks
 
 MAX_HEAD_DIM = 128  # Dk and Dv of the kernel path
@@ -69,14 +69,14 @@ def _kernel(*refs, has_dh: bool, streams: int, block_v: int):
             dh = dh_ref[:, cols]
             dgam = dgam + jnp.sum(h * dh)
         for s, (_, u0, do, du) in enumerate(ins):
-            u_c = (u0[:, cols].astype(F32) - _dot(w[s], h_c)).astype(dt)
+            u_c = (u0[:, cols].astype(F32) - dot(w[s], h_c)).astype(dt)
             do_c, du_c = do[:, cols].astype(dt), du[:, cols].astype(dt)
             outs[s][3][:, cols] = du_c
-            acc[s][0] = acc[s][0] + _dot(do_c, h_c, tb=True)
-            acc[s][1] = acc[s][1] + _dot(do_c, u_c, tb=True)
-            acc[s][2] = acc[s][2] - _dot(du_c, h_c, tb=True)
+            acc[s][0] = acc[s][0] + dot(do_c, h_c, tb=True)
+            acc[s][1] = acc[s][1] + dot(do_c, u_c, tb=True)
+            acc[s][2] = acc[s][2] - dot(du_c, h_c, tb=True)
             if has_dh and s == 0:
-                dkd = dkd + _dot(u_c, dh.astype(dt), tb=True)
+                dkd = dkd + dot(u_c, dh.astype(dt), tb=True)
     for s, (dqg, dp, dw, _, dkd_out) in enumerate(outs):
         dqg[...], dp[...], dw[...] = (x.astype(dt) for x in acc[s])
         dkd_out[...] = (dkd if has_dh and s == 0 else zeros).astype(dt)

@@ -42,7 +42,7 @@ _MAX_BLOCK = 16
 IEEE = jax.lax.Precision.HIGHEST
 
 
-def _dot(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False, dtype=None, precision=IEEE):
+def dot(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False, dtype=None, precision=IEEE):
     """``a @ b`` (``ta``/``tb``: transpose a/b) with operands cast to ``dtype`` (default: a's),
     fp32 accumulation; fp32 operands stay IEEE fp32 unless ``precision`` says otherwise."""
     dtype = a.dtype if dtype is None else dtype
@@ -87,8 +87,8 @@ def _diag_inverse(a: jax.Array, precision=IEEE) -> jax.Array:
     x = (_iota(bs, 0) == _iota(bs, 1)).astype(F32) + n
     power = 2
     while power < bs:
-        n = _dot(n, n, precision=precision)
-        x = x + _dot(x, n, precision=precision)
+        n = dot(n, n, precision=precision)
+        x = x + dot(x, n, precision=precision)
         power *= 2
     return x
 
@@ -125,9 +125,9 @@ def _strict(chunk: int) -> jax.Array:
 def _kkt_kernel(q, k, beta, g, rel, a, p, *, scale: float):
     gt = _Gates.load(beta, g, rel)
     k_all = k[...]
-    kk = _dot(k_all, k_all, tb=True)
+    kk = dot(k_all, k_all, tb=True)
     a[...] = jnp.where(_strict(k.shape[0]), gt.beta[:, None] * kk * gt.decay, 0.0)
-    p[...] = (scale * _dot(q[...], k_all, tb=True) * gt.decay).astype(p.dtype)
+    p[...] = (scale * dot(q[...], k_all, tb=True) * gt.decay).astype(p.dtype)
 
 
 def _solve_kernel(a, t, *, bs: int, precision: _InversePrecision):
@@ -140,8 +140,8 @@ def _solve_kernel(a, t, *, bs: int, precision: _InversePrecision):
     for i in range(nb):
         blocks[i, i] = _diag_inverse(a[at(i, i)], precision.powers)
         for j in range(i):
-            acc = sum(_dot(a[at(i, m)], blocks[m, j], precision=precision.blocks) for m in range(j, i))
-            blocks[i, j] = -_dot(blocks[i, i], acc, precision=precision.blocks)
+            acc = sum(dot(a[at(i, m)], blocks[m, j], precision=precision.blocks) for m in range(j, i))
+            blocks[i, j] = -dot(blocks[i, i], acc, precision=precision.blocks)
     zero = jnp.zeros((bs, bs), t.dtype)
     for i in range(nb):
         for j in range(nb):
@@ -151,8 +151,8 @@ def _solve_kernel(a, t, *, bs: int, precision: _InversePrecision):
 def _wy_kernel(t, k, v, beta, g, rel, w, u0):
     gt = _Gates.load(beta, g, rel)
     t_all = t[...]
-    w[...] = _dot(t_all, (gt.beta * gt.e)[:, None] * k[...].astype(F32)).astype(w.dtype)
-    u0[...] = _dot(t_all, gt.beta[:, None] * v[...].astype(F32)).astype(u0.dtype)
+    w[...] = dot(t_all, (gt.beta * gt.e)[:, None] * k[...].astype(F32)).astype(w.dtype)
+    u0[...] = dot(t_all, gt.beta[:, None] * v[...].astype(F32)).astype(u0.dtype)
 
 
 def _bwd_kernel(q, k, v, beta, g, rel, t, w, u0, dqg, dp, dw, du0, dkd, *outs, scale: float):
@@ -162,13 +162,13 @@ def _bwd_kernel(q, k, v, beta, g, rel, t, w, u0, dqg, dp, dw, du0, dkd, *outs, s
     q_all, k_all, t_all = q[...], k[...], t[...]
     q32, k32, v32 = q_all.astype(F32), k_all.astype(F32), v[...].astype(F32)
     dqg_, dkd_ = dqg[...].astype(F32), dkd[...].astype(F32)
-    dyu = _dot(t_all, du0[...], ta=True, dtype=dt)
-    dyw = _dot(t_all, dw[...], ta=True, dtype=dt)
-    da = _dot(dyu, u0[...], tb=True, dtype=dt) + _dot(dyw, w[...], tb=True, dtype=dt)
+    dyu = dot(t_all, du0[...], ta=True, dtype=dt)
+    dyw = dot(t_all, dw[...], ta=True, dtype=dt)
+    da = dot(dyu, u0[...], tb=True, dtype=dt) + dot(dyw, w[...], tb=True, dtype=dt)
     da = jnp.where(_strict(k.shape[0]), -da, 0.0) * gt.decay  # dA * D
     dkk = gt.beta[:, None] * da  # cotangent of k k^T
     ds = scale * dp[...].astype(F32) * gt.decay  # cotangent of q k^T
-    kk, qk = _dot(k_all, k_all, tb=True), _dot(q_all, k_all, tb=True)
+    kk, qk = dot(k_all, k_all, tb=True), dot(q_all, k_all, tb=True)
     dd = dkk * kk + ds * qk  # cotangent of D, times D
     kyw = jnp.sum(k32 * dyw, axis=1)
     ddl = jnp.sum(k32 * dkd_, axis=1) * gt.dl
@@ -177,10 +177,10 @@ def _bwd_kernel(q, k, v, beta, g, rel, t, w, u0, dqg, dp, dw, du0, dkd, *outs, s
     dg_ = jnp.sum(dd, axis=1) - jnp.sum(dd, axis=0) + de * gt.e - ddl
     dg[...] = dg_ + jnp.where(gt.last, jnp.sum(ddl), 0.0)
     dbeta[...] = jnp.sum(da * kk, axis=1) + jnp.sum(v32 * dyu, axis=1) + gt.e * kyw
-    dq[...] = (scale * gt.e[:, None] * dqg_ + _dot(ds, k_all, dtype=dt)).astype(dq.dtype)
+    dq[...] = (scale * gt.e[:, None] * dqg_ + dot(ds, k_all, dtype=dt)).astype(dq.dtype)
     dk_ = gt.dl[:, None] * dkd_ + (gt.beta * gt.e)[:, None] * dyw
-    dk_ += _dot(dkk, k_all, dtype=dt) + _dot(dkk, k_all, ta=True, dtype=dt)
-    dk[...] = (dk_ + _dot(ds, q_all, ta=True, dtype=dt)).astype(dk.dtype)
+    dk_ += dot(dkk, k_all, dtype=dt) + dot(dkk, k_all, ta=True, dtype=dt)
+    dk[...] = (dk_ + dot(ds, q_all, ta=True, dtype=dt)).astype(dk.dtype)
     dv[...] = (gt.beta[:, None] * dyu).astype(dv.dtype)
 
 
