@@ -34,10 +34,11 @@ from pallas_kernels.gated_delta.reference import F32, ChunkTensors, flat_chunks
 
 MAX_HEAD_DIM = 128  # Dk and Dv of the kernel path
 NUM_WARPS = 8
-# Value columns of the state a program holds at a time: a whole [128, 128] fp32 state and its
-# cotangent in registers spilled (H200, 4 x 4096 x 16 x 128, chunk 32, both FLARE streams:
-# 1.44 ms per call, against about 1.0 ms for the XLA ops it replaced).
-BLOCK_V = 64
+# Value columns of the state a program holds at a time. H200, 4 x 4096 x 16 x 128, chunk 32, both
+# FLARE streams, alone: 128 (the whole state) at 8 warps 1.056 ms, 64 at 8 warps 1.494, 64 at 4
+# warps 11.8, 32 at 4 warps 2.6 (XLA: 1.470); in the train step 1.44 ms per call at 128, 1.5 at
+# 64 (docs/performance.md, "Batch 4").
+BLOCK_V = 128
 
 _STREAM_INPUTS = 4  # w, u0, do, du
 _STREAM_OUTPUTS = 5  # qg, p, w, u0, kd
