@@ -64,7 +64,7 @@ def pad_inputs(x: jax.Array, segment_ids: jax.Array, kernel: int, *,
     if context is None:
         context = jnp.zeros((batch, pad, channels), x.dtype)
     padded_x = jnp.concatenate([context.astype(x.dtype), x], axis=1)
-    padded_seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], pad, axis=1), segment_ids], axis=1)
+    padded_seg = reference.padded_segments(segment_ids, pad)
     padded_clean = None
     if clean is not None:
         padded_clean = jnp.concatenate([jnp.zeros_like(context, x.dtype), clean.astype(x.dtype)],

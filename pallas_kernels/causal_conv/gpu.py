@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.causal_conv.reference import L2_EPS, HeadNorm
+from pallas_kernels.causal_conv.reference import L2_EPS, HeadNorm, padded_segments
 from pallas_kernels.gpu_tiles import dividing_tile
 
 NO_SEGMENT = -1
@@ -348,7 +348,7 @@ class _Inputs(NamedTuple):
         def head(a: jax.Array, before: jax.Array) -> jax.Array:
             return jnp.concatenate([before.astype(a.dtype), a[:, :block_t]], axis=1)
 
-        seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], pad, axis=1), segment_ids], axis=1)
+        seg = padded_segments(segment_ids, pad)
         return cls(x, head(x, zeros if context is None else context), clean,
                    None if clean is None else head(clean, zeros),
                    _extend(seg.astype(jnp.int32), rows + 2 * pad, NO_SEGMENT))

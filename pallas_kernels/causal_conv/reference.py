@@ -19,6 +19,12 @@ class HeadNorm(NamedTuple):
     end: int | jax.Array
 
 
+def padded_segments(segment_ids: jax.Array, pad: int) -> jax.Array:
+    """``[B, pad + T]``: ``pad`` copies of the first token's segment id (the context's), then
+    ``segment_ids``."""
+    return jnp.concatenate([jnp.repeat(segment_ids[:, :1], pad, axis=1), segment_ids], axis=1)
+
+
 def l2_normalize(x: jax.Array) -> jax.Array:
     """``x / sqrt(sum(x^2) + eps)`` over the last axis, fp32."""
     x = x.astype(jnp.float32)
