@@ -155,7 +155,7 @@ def _fwd_kernel(*refs, chunk: int, num_chunks: int, write_states: bool, noisy: b
     def body(i, s):
         rows = pl.ds(i * chunk, chunk)
         if write_states:
-            h[pl.ds(i * dk, dk), :] = s
+            h[pl.ds(i * dk, dk), :] = s.astype(h.dtype)
         if noisy:
             nq, nqs, np_, nw, nu0 = side
             o_n, _ = out_step(nq[rows, :], np_[rows, :], nw[rows, :], nu0[rows, :], s.astype(w.dtype),
@@ -180,15 +180,15 @@ def _bwd_kernel(*refs, chunk: int, num_chunks: int, has_dh: bool, noisy: bool):
     def body(r, d):
         i = num_chunks - 1 - r
         rows, states = pl.ds(i * chunk, chunk), pl.ds(i * dk, dk)
-        dhn[states, :] = d
+        dhn[states, :] = d.astype(dhn.dtype)
         dh_i = None if dh is None else dh[states, :]
         du_i, d = bwd_step(q[rows, :], p[rows, :], w[rows, :], k[rows, :], gam[i], do[rows, :], d, dh_i,
                            qs[rows], ks[rows])
-        du[rows, :] = du_i
+        du[rows, :] = du_i.astype(du.dtype)
         if noisy:
             nq, nqs, np_, nw, ndo = side
             du_n, ds_n = out_bwd(nq[rows, :], np_[rows, :], nw[rows, :], ndo[rows, :], None, nqs[rows])
-            du_side[0][rows, :] = du_n
+            du_side[0][rows, :] = du_n.astype(du_side[0].dtype)
             d = d + ds_n
         return d
 
@@ -206,6 +206,7 @@ def scan_fwd(
     s0: jax.Array,
     *,
     write_states: bool,
+    states_dtype: jax.typing.DTypeLike = F32,
     noisy: ScanOperands | None = None,
     heads: int | None = None,
     interpret: bool = False,
@@ -213,10 +214,11 @@ def scan_fwd(
 ) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
     """Forward scan. Returns ``o [N, NT, L, Dv]`` (u0's dtype; with ``heads``, written straight
     into the public ``[N / heads, NT * L, heads, Dv]`` layout instead), states entering each chunk
-    ``[N, NT, Dk, Dv]`` fp32 (None unless ``write_states``), the final state ``[N, Dk, Dv]`` and
-    the output of the ``noisy`` stream (None without it): a second set of operands, same
-    layout, whose chunk ``i`` reads the state entering chunk ``i`` and never updates it (the
-    FLARE handoff with one chunk per noisy block)."""
+    ``[N, NT, Dk, Dv]`` in ``states_dtype`` (None unless ``write_states``; the carried state is
+    fp32 either way), the final state ``[N, Dk, Dv]`` fp32 and the output of the ``noisy``
+    stream (None without it): a second set of operands, same layout, whose chunk ``i`` reads the
+    state entering chunk ``i`` and never updates it (the FLARE handoff with one chunk per noisy
+    block)."""
     n, nt, chunk, dk, dv = _shape(ops)
     check_shapes(chunk, dk, dv, interpret)
     t = nt * chunk
@@ -229,7 +231,7 @@ def scan_fwd(
     out_shape = [jax.ShapeDtypeStruct(o_shape, ops.u0.dtype), jax.ShapeDtypeStruct((n, dk, dv), F32)]
     out_specs = [o_spec, _full_spec(dk, bv, True)]
     if write_states:
-        out_shape.append(jax.ShapeDtypeStruct((n, nt * dk, dv), F32))
+        out_shape.append(jax.ShapeDtypeStruct((n, nt * dk, dv), states_dtype))
         out_specs.append(_full_spec(nt * dk, bv, True))
     args, in_specs = _operands(ops, _FWD, bv)
     args.append(s0)
@@ -277,17 +279,19 @@ def scan_bwd(
     """Reverse scan. ``do [N, NT, L, Dv]``, ``ds_final [N, Dk, Dv]``, ``dh`` (cotangent of the
     forward's states, or None), the ``noisy`` stream's operands and output cotangent (or None).
     Returns ``du [N, NT, L, Dv]``, the cotangent of the state leaving each chunk
-    ``[N, NT, Dk, Dv]``, of the initial state ``[N, Dk, Dv]`` and the noisy ``du`` (or None),
-    all fp32."""
+    ``[N, NT, Dk, Dv]`` and the noisy ``du`` (or None) in the compute dtype (``w``'s: the
+    chunk-cotangent products read them so; the carried cotangent is fp32), and that of the
+    initial state ``[N, Dk, Dv]`` fp32."""
     n, nt, chunk, dk, dv = _shape(ops)
     t = nt * chunk
     bv = tiling.width(n, dv)
     args, in_specs = _operands(ops, _BWD, bv)
     args += [flat_chunks(do), ds_final]
     in_specs += [_full_spec(t, bv, True), _full_spec(dk, bv, True)]
+    dt = ops.w.dtype
     out_shape = [
-        jax.ShapeDtypeStruct((n, t, dv), F32),
-        jax.ShapeDtypeStruct((n, nt * dk, dv), F32),
+        jax.ShapeDtypeStruct((n, t, dv), dt),
+        jax.ShapeDtypeStruct((n, nt * dk, dv), dt),
         jax.ShapeDtypeStruct((n, dk, dv), F32),
     ]
     out_specs = [_full_spec(t, bv, True), _full_spec(nt * dk, bv, True), _full_spec(dk, bv, True)]

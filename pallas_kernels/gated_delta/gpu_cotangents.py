@@ -9,12 +9,13 @@ and ``dh_next`` (the cotangent of the state leaving it)::
 
 A second stream that only reads the states (the FLARE handoff's noisy blocks: own ``w``, ``u0``,
 ``do``, ``du``, no ``dh_next``, so zero ``kd`` and ``gam`` cotangents) runs in the same program,
-so that the fp32 states are read once for both. Matmul operands are in the chunk tensors' dtype
-(bf16 on the fast path) with fp32 accumulation; ``dgam`` is fp32 from the fp32 ``h`` and
-``dh_next``. The outputs are written in the chunk tensors' dtype in the layout the preparation
-backward reads (``reference.flat_chunks``), ``du0`` included (``du`` cast once, as it is read).
+so that the states are read once for both. Matmul operands are in the chunk tensors' dtype
+(bf16 on the fast path) with fp32 accumulation; ``dgam`` is an fp32 sum of the products of ``h``
+and ``dh_next`` as they are stored (the scans store both in the compute dtype on the fast path,
+fp32 in fp32). The outputs are written in the chunk tensors' dtype in the layout the preparation
+backward reads (``reference.flat_chunks``); ``du0`` is ``du`` itself.
 
-Each program walks the ``[Dk, Dv]`` fp32 state (and ``dh_next``) in blocks of ``BLOCK_V`` value
+Each program walks the ``[Dk, Dv]`` state (and ``dh_next``) in blocks of ``BLOCK_V`` value
 columns; head dims above ``MAX_HEAD_DIM`` keep the XLA path (``reference.chunk_cotangents``).
 """
 
@@ -41,12 +42,12 @@ NUM_WARPS = 8
 BLOCK_V = 128
 
 _STREAM_INPUTS = 4  # w, u0, do, du
-_STREAM_OUTPUTS = 5  # qg, p, w, u0, kd
+_STREAM_OUTPUTS = 4  # qg, p, w, kd
 
 
 def _kernel(*refs, has_dh: bool, streams: int, block_v: int):
-    """Inputs: ``h`` [+ ``dh_next``], then ``w, u0, do, du`` per stream; outputs ``qg, p, w, u0,
-    kd`` per stream [+ ``gam`` of the first]. The products that contract the state's value
+    """Inputs: ``h`` [+ ``dh_next``], then ``w, u0, do, du`` per stream; outputs ``qg, p, w, kd``
+    per stream [+ ``gam`` of the first]. The products that contract the state's value
     axis (``do h^T``, ``du h^T``, ``do u^T``, ``u dh^T``) are summed over its column blocks in
     fp32 accumulators."""
     h_ref, refs = refs[0], refs[1:]
@@ -68,17 +69,16 @@ def _kernel(*refs, has_dh: bool, streams: int, block_v: int):
         h_c = h.astype(dt)
         if has_dh:
             dh = dh_ref[:, cols]
-            dgam = dgam + jnp.sum(h * dh)
+            dgam = dgam + jnp.sum(h.astype(F32) * dh.astype(F32))
         for s, (_, u0, do, du) in enumerate(ins):
             u_c = (u0[:, cols].astype(F32) - dot(w[s], h_c)).astype(dt)
             do_c, du_c = do[:, cols].astype(dt), du[:, cols].astype(dt)
-            outs[s][3][:, cols] = du_c
             acc[s][0] = acc[s][0] + dot(do_c, h_c, tb=True)
             acc[s][1] = acc[s][1] + dot(do_c, u_c, tb=True)
             acc[s][2] = acc[s][2] - dot(du_c, h_c, tb=True)
             if has_dh and s == 0:
                 dkd = dkd + dot(u_c, dh.astype(dt), tb=True)
-    for s, (dqg, dp, dw, _, dkd_out) in enumerate(outs):
+    for s, (dqg, dp, dw, dkd_out) in enumerate(outs):
         dqg[...], dp[...], dw[...] = (x.astype(dt) for x in acc[s])
         dkd_out[...] = (dkd if has_dh and s == 0 else zeros).astype(dt)
     if has_dh:
@@ -108,12 +108,13 @@ def chunk_cotangents(
     block_v: int = BLOCK_V,
 ) -> tuple[ChunkTensors, ChunkTensors | None]:
     """Cotangents of the chunk tensors ``ops`` stand for (``w``, ``u0`` read; ``gam`` for its
-    shape) from the states entering each chunk ``h [N, NT, Dk, Dv]`` fp32, the output cotangent
-    ``do`` and the reverse scan's ``du`` ``[N, NT, L, Dv]`` and ``dh_next`` (None: zero ``kd``
-    and ``gam`` cotangents), and those of a ``noisy`` stream reading the same states (its
-    ``do_noisy``, ``du_noisy``; no ``dh_next``). Returns ``ChunkTensors`` of flat
-    ``[N, T, width]`` arrays in ``ops.w``'s dtype (``reference.flat_chunks`` of the chunk layout)
-    and ``gam [N, NT]`` fp32, per stream (None without ``noisy``)."""
+    shape) from the states entering each chunk ``h [N, NT, Dk, Dv]`` (fp32 or the compute
+    dtype), the output cotangent ``do`` and the reverse scan's ``du`` ``[N, NT, L, Dv]`` and
+    ``dh_next`` (None: zero ``kd`` and ``gam`` cotangents), and those of a ``noisy`` stream
+    reading the same states (its ``do_noisy``, ``du_noisy``; no ``dh_next``). Returns
+    ``ChunkTensors`` of flat ``[N, T, width]`` arrays in ``ops.w``'s dtype
+    (``reference.flat_chunks`` of the chunk layout) and ``gam [N, NT]`` fp32, per stream (None
+    without ``noisy``)."""
     n, nt, chunk, dk = ops.w.shape
     dv = ops.u0.shape[-1]
     if max(dk, dv) > MAX_HEAD_DIM:
@@ -131,7 +132,7 @@ def chunk_cotangents(
     if dh_next is not None:
         args.append(flat_chunks(dh_next))
         in_specs.append(states)
-    widths = (dk, chunk, dk, dv, dk)
+    widths = (dk, chunk, dk, dk)
     out_shape, out_specs = [], []
     for s_ops, s_do, s_du in streams:
         args += [flat_chunks(x) for x in (s_ops.w, s_ops.u0, s_do, s_du)]
@@ -152,9 +153,9 @@ def chunk_cotangents(
         interpret=interpret,
         name="gated_delta_chunk_cotangents",
     )(*args)
-    dgam = outs[-1] if dh_next is not None else jnp.zeros_like(ops.gam)
-    d = ChunkTensors(*outs[:_STREAM_OUTPUTS], dgam)
-    if noisy is None:
-        return d, None
-    side = ChunkTensors(*outs[_STREAM_OUTPUTS : 2 * _STREAM_OUTPUTS], jnp.zeros_like(noisy.gam))
-    return d, side
+    def tensors(stream: int, s_du: jax.Array, dgam: jax.Array) -> ChunkTensors:
+        qg, p, w, kd = outs[_STREAM_OUTPUTS * stream : _STREAM_OUTPUTS * (stream + 1)]
+        return ChunkTensors(qg, p, w, flat_chunks(s_du).astype(dt), kd, dgam)
+
+    d = tensors(0, du, outs[-1] if dh_next is not None else jnp.zeros_like(ops.gam))
+    return d, None if noisy is None else tensors(1, du_noisy, jnp.zeros_like(noisy.gam))

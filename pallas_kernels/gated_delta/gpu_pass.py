@@ -115,9 +115,13 @@ def gpu_pass(
 def _gpu_pass_fwd(interpret, need_states, heads, stream, s0, noisy):
     ops, t_inv = _prepare(stream, interpret)
     side = None if noisy is None else _prepare(noisy, interpret)
+    # The states are the backward's residual, read by its compute-dtype products (and by the
+    # decay cotangent), so they are stored in that dtype, as fla stores them; the caller's
+    # states (need_states: they start the noisy blocks) stay fp32.
     o, h, s_final, o_noisy = gpu.scan_fwd(
-        ops, s0, write_states=True, noisy=None if side is None else side[0], heads=heads, interpret=interpret
-    )
+        ops, s0, write_states=True, states_dtype=jnp.float32 if need_states else ops.w.dtype,
+        noisy=None if side is None else side[0], heads=heads, interpret=interpret,
+    )  # fmt: skip
     kept = [_kernel_outputs(ops, t_inv), None if side is None else _kernel_outputs(*side)]
     # The streams themselves are the caller's values: a remat policy keeps or rebuilds them.
     return (o, h if need_states else None, s_final, o_noisy), (stream, noisy, named_residuals((kept, h)))
@@ -133,7 +137,6 @@ def _stream_cotangent(stream: KernelStream, kept: tuple, d: ChunkTensors, interp
     tensors (``d``: as ``gpu_cotangents.chunk_cotangents`` returns them, flat ``[N, T, width]``
     in the compute dtype, or in the chunk layout ``[N, NT, L, width]``)."""
     p, w, u0, t_inv = kept
-    dt = stream.v.dtype
     cots = tuple(reference.flat_chunks(x) for x in (d.qg, d.p, d.w, d.u0, d.kd))
     inputs = (stream.q, stream.k, stream.v, stream.beta, stream.gcum, stream.rel)
     saved = (t_inv, reference.flat_chunks(w), reference.flat_chunks(u0))
@@ -141,8 +144,9 @@ def _stream_cotangent(stream: KernelStream, kept: tuple, d: ChunkTensors, interp
         inputs, saved, cots, chunk=stream.chunk, scale=stream.scale, interpret=interpret
     )
     b, t, hk, width = stream.q.shape
-    dq, dk = (x.reshape(b, t, hk, -1, width).sum(3).astype(stream.q.dtype) for x in (dq, dk))
-    return KernelStream(dq, dk, dv.astype(dt), dbeta, dgcum, None, d.gam, stream.scale)
+    if dq.shape[2] != hk:  # GQA: the fp32 sum over the value heads of each key head
+        dq, dk = (x.reshape(b, t, hk, -1, width).sum(3).astype(stream.q.dtype) for x in (dq, dk))
+    return KernelStream(dq, dk, dv, dbeta, dgcum, None, d.gam, stream.scale)
 
 
 def _gpu_pass_bwd(interpret, need_states, heads, residuals, cotangents):

@@ -368,11 +368,12 @@ def prepare_bwd(
 ) -> tuple[jax.Array, ...]:
     """Cotangents of ``prepare_fwd`` at ``inputs`` ``(q, k, v, beta, gcum, rel)`` with its
     ``residuals`` ``(T, w, u0)`` for output cotangents ``(dqg, dp, dw, du0, dkd)``: ``(dq, dk)``
-    per value head ``[B, T, Hv, Dk]`` (sum over the value heads of a key head for GQA), ``dv``,
-    ``dbeta``, ``dgcum`` (all fp32)."""
+    per value head ``[B, T, Hv, Dk]`` (fp32 for GQA, whose caller sums the value heads of a key
+    head; else in q's dtype), ``dv`` in v's dtype, ``dbeta`` and ``dgcum`` fp32."""
     q, k, v, *gates = inputs
     b, t, hk, dk = q.shape
     hv, dv = v.shape[2:]
+    dqk_dtype = q.dtype if hv == hk else F32
     lay = _Layout(hk, hv, chunk)
     out_lay = _Layout(hv, hv, chunk)  # per value head
     flat = [lay.flat(wd) for wd in (chunk, dk, dv, dk, chunk, dk, dv, dk)]
@@ -382,9 +383,9 @@ def prepare_bwd(
             (q, k, v, *gates, *residuals, *cotangents),
             [lay.heads(dk, True), lay.heads(dk, True), lay.heads(dv), *lay.gates(), *flat],
             [
-                (jax.ShapeDtypeStruct((b, t, hv, dk), F32), out_lay.heads(dk)),
-                (jax.ShapeDtypeStruct((b, t, hv, dk), F32), out_lay.heads(dk)),
-                (jax.ShapeDtypeStruct((b, t, hv, dv), F32), out_lay.heads(dv)),
+                (jax.ShapeDtypeStruct((b, t, hv, dk), dqk_dtype), out_lay.heads(dk)),
+                (jax.ShapeDtypeStruct((b, t, hv, dk), dqk_dtype), out_lay.heads(dk)),
+                (jax.ShapeDtypeStruct((b, t, hv, dv), v.dtype), out_lay.heads(dv)),
                 (jax.ShapeDtypeStruct((b, t, hv), F32), out_lay.gate()),
                 (jax.ShapeDtypeStruct((b * hv, t), F32), out_lay.flat()),
             ],

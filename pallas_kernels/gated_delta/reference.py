@@ -336,7 +336,7 @@ def chunk_cotangents(
         dkd, dgam = jnp.zeros(ct.w.shape, F32), jnp.zeros_like(ct.gam)
     else:
         dkd = _mm("ntlv,ntkv->ntlk", u_c, dh_next.astype(dt))
-        dgam = jnp.sum(h * dh_next, axis=(-2, -1))
+        dgam = jnp.sum(h.astype(F32) * dh_next.astype(F32), axis=(-2, -1))
     return ChunkTensors(
         qg=_mm("ntlv,ntkv->ntlk", do_c, h_c),
         p=_mm("ntlv,ntmv->ntlm", do_c, u_c),
