@@ -6,9 +6,13 @@ defaults to one FLARE stream of a Qwen3.5-0.8B linear layer in the batch-4 train
 tokens, conv dim 6144, kernel 4). Milliseconds per call (``gated_delta.timeit``: 10 calls back
 to back, median of 5 such runs, after a warm-up); also the largest gradient difference between
 ours and autodiff.
-``--sweep`` also times our kernels alone at each ``gpu.ConvTiling`` of ``SWEEP``.
+``--sweep`` also times our kernels alone at each ``gpu.ConvTiling`` of ``SWEEP``; with
+``--norm`` they run as the Gated DeltaNet calls them (the first two thirds of the channels
+l2-normalised in heads of 128, the output written as three parts) at the tilings of
+``NORM_SWEEP`` (a tile is one head).
 
-    python benchmarks/conv.py [--batch 4] [--tokens 4096] [--channels 6144] [--sweep] [--json F]
+    python benchmarks/conv.py [--batch 4] [--tokens 4096] [--channels 6144] [--sweep] [--norm]
+                              [--json F]
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from gated_delta import timeit
 
-from pallas_kernels.causal_conv import causal_conv_silu, gpu
+from pallas_kernels.causal_conv import causal_conv_silu, gpu, reference
 
 KERNEL = 4
 
@@ -40,19 +44,27 @@ def xla_conv_silu(x: jax.Array, weight: jax.Array) -> jax.Array:
 LOOPS = [(1, 1)] + [(tiles, stages) for tiles in (4, 8) for stages in (1, 2, 3)]
 SWEEP = [gpu.ConvTiling(32, c, w, tiles, stages) for c in (64, 128) for w in (4, 8)
          for tiles, stages in LOOPS]
+NORM_SWEEP = [gpu.ConvTiling(t, 128, w, tiles, stages) for t in (16, 32, 64) for w in (4, 8)
+              for tiles, stages in ((1, 1), (4, 2))]
+HEAD_DIM = 128
 
 
 def gradients(fn):
     return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2), (0, 1)))
 
 
-def bench(batch: int, tokens: int, channels: int, block_size: int, sweep: bool) -> dict:
+def bench(batch: int, tokens: int, channels: int, block_size: int, sweep: bool, norm: bool) -> dict:
     keys = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(keys[0], (batch, tokens, channels), jnp.bfloat16)
     clean = jax.random.normal(keys[1], (batch, tokens, channels), jnp.bfloat16)
     weight = jax.random.normal(keys[2], (KERNEL, channels), jnp.float32) * 0.5
     segment_ids = jnp.broadcast_to(jnp.arange(tokens) // 1024, (batch, tokens)).astype(jnp.int32)
-    row = dict(batch=batch, tokens=tokens, channels=channels, block_size=block_size)
+    row = dict(batch=batch, tokens=tokens, channels=channels, block_size=block_size, norm=norm)
+    third = channels // 3
+    heads = reference.HeadNorm(HEAD_DIM, 2 * third) if norm else None
+    split_at = (third, 2 * third) if norm else ()
+    tilings = (NORM_SWEEP if sweep else [gpu.FWD_TILING, gpu.NORM_BWD_TILING]) if norm else (
+        SWEEP if sweep else [gpu.FWD_TILING, gpu.BWD_TILING])
     for mode in ("plain", "handoff"):
         def conv(backend, mode=mode):
             if mode == "plain":
@@ -75,13 +87,14 @@ def bench(batch: int, tokens: int, channels: int, block_size: int, sweep: bool) 
                                                      / row[f"{mode}_ours_fwd_bwd"])
         handoff = None if mode == "plain" else clean
         block = None if handoff is None else block_size
-        for tiling in SWEEP if sweep else [gpu.FWD_TILING, gpu.BWD_TILING]:
+        for tiling in tilings:
             name = (f"{mode}_t{tiling.block_t}_c{tiling.block_c}_w{tiling.num_warps}"
                     f"_r{tiling.tiles_per_program}_s{tiling.num_stages}")
-            fwd = jax.jit(lambda x, c, w, seg, tiling=tiling, block=block:
-                          gpu.conv_silu_fwd(x, None, c, w, seg, block, tiling=tiling))
-            bwd = jax.jit(lambda x, c, w, seg, dy, tiling=tiling, block=block:
-                          gpu.conv_silu_bwd(x, None, c, w, seg, block, dy, tiling=tiling))
+            fwd = jax.jit(lambda x, c, w, seg, tiling=tiling, block=block: gpu.conv_silu_fwd(
+                x, None, c, w, seg, block, heads, split_at, tiling=tiling))
+            bwd = jax.jit(lambda x, c, w, seg, dy, tiling=tiling, block=block: gpu.conv_silu_bwd(
+                x, None, c, w, seg, block, jnp.split(dy, split_at, axis=-1), heads, split_at,
+                tiling=tiling))
             row[f"{name}_fwd_kernel"] = timeit(fwd, x, handoff, weight, segment_ids)
             row[f"{name}_bwd_kernels"] = timeit(bwd, x, handoff, weight, segment_ids, x)
     return row
@@ -94,9 +107,11 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=6144)
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--sweep", action="store_true", help="time our kernels at every tiling")
+    parser.add_argument("--norm", action="store_true",
+                        help="our kernels as the model calls them: normalised q, k heads, 3 parts")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    row = bench(args.batch, args.tokens, args.channels, args.block_size, args.sweep)
+    row = bench(args.batch, args.tokens, args.channels, args.block_size, args.sweep, args.norm)
     row["device"] = jax.devices()[0].device_kind
     print(json.dumps(row, indent=1))
     if args.json:

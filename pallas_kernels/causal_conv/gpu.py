@@ -15,8 +15,8 @@ length is not a whole number of runs of tiles); segment ids are padded like
   stream); optionally l2-normalised per head (``HeadNorm``: a channel tile is then one head) and
   written as parts of the channels, one array each (the Gated DeltaNet's q, k, v);
 - backward, first kernel: ``d_pre = dy silu'(pre)`` (pre recomputed from the taps; ``dy`` read
-  from the part that holds the tile, through the normalisation's backward) stored once in the
-  input dtype; the weight-gradient products ``d_pre tap_j`` are summed elementwise in ``K`` fp32
+  from the part that holds the tile, through the normalisation's backward) stored once in
+  fp32; the weight-gradient products ``d_pre tap_j`` are summed elementwise in ``K`` fp32
   ``[BLOCK_T, BLOCK_C]`` accumulators over the program's tiles and reduced over positions once,
   one partial sum per program;
 - backward, second kernel: the gradient of input ``q``, ``sum_j weight[K-1-j] d_pre[q + j]`` over
@@ -426,9 +426,8 @@ def conv_silu_bwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | No
     inputs = _Inputs.of(x, context, clean, segment_ids, rows, block_t, pad)
     starts = _starts(channels, split_at, launch.static["block_c"])
     # One tile more than the outputs: the shifted loads of the last tile's inputs read into it
-    # (never written; those outputs do not exist and are masked). In x's dtype: the input
-    # gradients read it as operands of fp32 sums (the weight gradient sums fp32 d_pre in place).
-    d_pre_shape = jax.ShapeDtypeStruct((batch, rows + block_t, channels), x.dtype)
+    # (never written; those outputs do not exist and are masked).
+    d_pre_shape = jax.ShapeDtypeStruct((batch, rows + block_t, channels), F32)
     runs, block_c = launch.grid[1], launch.static["block_c"]
     d_weight_shape = jax.ShapeDtypeStruct((batch, runs, pad + 1, channels), F32)
     d_weight_spec = pl.BlockSpec((None, None, pad + 1, block_c), lambda b, i, c: (b, i, 0, c))
