@@ -63,8 +63,8 @@ def bench(batch: int, tokens: int, channels: int, block_size: int, sweep: bool, 
     third = channels // 3
     heads = reference.HeadNorm(HEAD_DIM, 2 * third) if norm else None
     split_at = (third, 2 * third) if norm else ()
-    tilings = (NORM_SWEEP if sweep else [gpu.FWD_TILING, gpu.NORM_BWD_TILING]) if norm else (
-        SWEEP if sweep else [gpu.FWD_TILING, gpu.BWD_TILING])
+    defaults = [gpu.FWD_TILING, gpu.NORM_BWD_TILING if norm else gpu.BWD_TILING]
+    tilings = (NORM_SWEEP if norm else SWEEP) if sweep else defaults
     for mode in ("plain", "handoff"):
         def conv(backend, mode=mode):
             if mode == "plain":

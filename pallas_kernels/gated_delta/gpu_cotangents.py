@@ -153,6 +153,7 @@ def chunk_cotangents(
         interpret=interpret,
         name="gated_delta_chunk_cotangents",
     )(*args)
+
     def tensors(stream: int, s_du: jax.Array, dgam: jax.Array) -> ChunkTensors:
         qg, p, w, kd = outs[_STREAM_OUTPUTS * stream : _STREAM_OUTPUTS * (stream + 1)]
         return ChunkTensors(qg, p, w, flat_chunks(s_du).astype(dt), kd, dgam)
