@@ -193,8 +193,20 @@ def bench_denoise(args) -> None:
         print(f"  xla_mask/ours = {ratio(res['xla_mask'], res['ours'])}")
 
 
+# Candidates per kernel (block_q, block_k, warps, stages); at D=256 tiles past these exceed
+# shared memory (--sweep on the H100, docs/performance.md "Block attention").
+T = gpu.Tiling
+FWD_SWEEP = (T(128, 64, 8, 1), T(128, 64, 8, 2), T(128, 64, 8, 3), T(128, 64, 4, 2),
+             T(64, 64, 4, 2), T(128, 32, 8, 2))
+DQ_SWEEP = (T(128, 32, 8, 1), T(128, 32, 8, 2), T(128, 32, 8, 3), T(128, 32, 4, 2),
+            T(64, 64, 8, 2), T(64, 64, 4, 2), T(64, 32, 4, 2), T(128, 64, 8, 1))
+DKV_SWEEP = (T(128, 32, 8, 1), T(128, 32, 8, 2), T(128, 32, 8, 3), T(128, 32, 4, 2),
+             T(64, 64, 8, 1), T(64, 64, 8, 2), T(64, 64, 4, 2), T(64, 32, 4, 2),
+             T(32, 64, 4, 2), T(128, 64, 8, 1), T(64, 128, 8, 1))
+
+
 def sweep_tiles(length: int, args) -> None:
-    """Forward and backward kernel times per tile shape on the FLARE row (defaults marked)."""
+    """Forward, and backward with one kernel's tiling varied, per candidate on the FLARE row."""
     shape_q = (args.batch, 2 * length, args.heads, args.head_dim)
     shape_kv = (args.batch, 2 * length, args.kv_heads, args.head_dim)
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -204,19 +216,17 @@ def sweep_tiles(length: int, args) -> None:
     scale = args.head_dim**-0.5
     out, lse = jax.jit(functools.partial(gpu.forward, scale=scale))(q, k, v, layout, layout)
     d = args.head_dim
-    print(f"tile sweep at L={length}, D={d} (defaults fwd {gpu.FWD_TILES.get(d)}, "
+    print(f"tile sweep at B={args.batch}, L={length}, D={d} (defaults fwd {gpu.FWD_TILES.get(d)}, "
           f"dq {gpu.DQ_TILES.get(d)}, dkv {gpu.DKV_TILES.get(d)})")
     res: dict = {}
-    for blocks in ((128, 64), (128, 128), (64, 128), (64, 64)):
-        fwd = functools.partial(gpu.forward, scale=scale, blocks=blocks)
-        measure(f"fwd {blocks}", fwd, (q, k, v, layout, layout), args.iters, res)
+    for tiling in FWD_SWEEP:
+        fwd = functools.partial(gpu.forward, scale=scale, tiling=tiling)
+        measure(f"fwd {tuple(tiling)}", fwd, (q, k, v, layout, layout), args.iters, res)
     bwd_args = (q, k, v, layout, layout, out, lse, d_out)
-    for dq_blocks in ((128, 32), (128, 64), (64, 64)):
-        bwd = functools.partial(gpu.backward, scale=scale, dq_blocks=dq_blocks)
-        measure(f"bwd dq {dq_blocks}, dkv default", bwd, bwd_args, args.iters, res)
-    for dkv_blocks in ((64, 64), (32, 128), (64, 128)):
-        bwd = functools.partial(gpu.backward, scale=scale, dkv_blocks=dkv_blocks)
-        measure(f"bwd dq default, dkv {dkv_blocks}", bwd, bwd_args, args.iters, res)
+    for name, sweep in (("dq_tiling", DQ_SWEEP), ("dkv_tiling", DKV_SWEEP)):
+        for tiling in sweep:
+            bwd = functools.partial(gpu.backward, scale=scale, **{name: tiling})
+            measure(f"bwd {name} {tuple(tiling)}", bwd, bwd_args, args.iters, res)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +27,25 @@ MIN_TILE = 16  # smallest tile a Triton dot accepts
 MAX_TILE = 128  # sequences are padded to a multiple of their largest tile
 ALL = slice(None)
 
-# (block_q, block_k) per kernel and head dim. D=256: fastest compiling shapes of
-# `benchmarks/block_attention.py --sweep` on an H100 (larger tiles exceed shared memory). D<=128:
-# the same accumulator bytes per program (not timed; compiled and checked on the H100 for D=64/128
-# with fwd (128, 64), dq (128, 64), dkv (64, 128)).
-FWD_TILES = {64: (128, 64), 128: (128, 64), 256: (128, 64)}
-DQ_TILES = {64: (128, 64), 128: (128, 64), 256: (128, 32)}
-DKV_TILES = {64: (128, 64), 128: (128, 64), 256: (128, 32)}
+
+
+class Tiling(NamedTuple):
+    """Tile shape (query and key tokens per tile) and Triton launch parameters of one kernel."""
+
+    block_q: int
+    block_k: int
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+# Per kernel and head dim. D=256: the fastest of `benchmarks/block_attention.py --sweep 4096
+# --batch 4` (the 0.8B train step's FLARE rows) on an H200, backward 7.27 ms at the earlier
+# defaults (dq and dkv both (128, 32, 8 warps, 2 stages)); dkv (128, 64) fits shared memory only
+# at one stage. D<=128: the same accumulator bytes per program (not timed; compiled and checked on
+# the H100 for D=64/128 with fwd (128, 64), dq (128, 64), dkv (64, 128)).
+FWD_TILES = {64: Tiling(128, 64, 4), 128: Tiling(128, 64), 256: Tiling(128, 64)}
+DQ_TILES = {64: Tiling(128, 64, 4), 128: Tiling(128, 64), 256: Tiling(64, 64, 4)}
+DKV_TILES = {64: Tiling(128, 64, 4), 128: Tiling(128, 64), 256: Tiling(128, 64, 8, 1)}
 
 
 def _metadata(layout: TokenLayout) -> jax.Array:
@@ -140,10 +153,6 @@ def _dkv_kernel(lists_ref, partial_ref, counts_ref, q_ref, k_ref, v_ref, qm_ref,
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _params(head_dim: int, num_stages: int) -> plgpu.CompilerParams:
-    return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=num_stages)
-
-
 def _check(q: jax.Array, k: jax.Array) -> None:
     head_dim = q.shape[-1]
     if head_dim != pl.next_power_of_2(head_dim) or head_dim < MIN_TILE:
@@ -160,29 +169,31 @@ def _pad_layouts(q_layout, kv_layout):
     return q_layout, kv_layout
 
 
-def _blocks(requested, table, head_dim, seq_q, seq_k) -> tuple[int, int]:
-    """Tile shape for one kernel: requested or tabled, shrunk to fit the (padded) sequences."""
-    block_q, block_k = requested or table.get(head_dim, (64, 64))
-    for block in (block_q, block_k):
+def _tiling(requested: Tiling | None, table: dict[int, Tiling], head_dim: int, seq_q: int,
+            seq_k: int) -> tuple[int, int, plgpu.CompilerParams]:
+    """``(block_q, block_k, compiler params)`` of one kernel: requested or tabled, the tiles shrunk
+    to fit the (padded) sequences."""
+    tiling = requested or table.get(head_dim, Tiling(64, 64, 4 if head_dim <= 64 else 8))
+    for block in tiling[:2]:
         if block != pl.next_power_of_2(block) or not MIN_TILE <= block <= MAX_TILE:
             raise ValueError(f"tile sizes must be powers of two in [16, 128], got {block}")
-    return _tile(seq_q, block_q), _tile(seq_k, block_k)
+    params = plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+    return _tile(seq_q, tiling.block_q), _tile(seq_k, tiling.block_k), params
 
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
             kv_layout: TokenLayout, *, scale: float, interpret: bool = False,
-            blocks: tuple[int, int] | None = None,
-            num_stages: int = 2) -> tuple[jax.Array, jax.Array]:
+            tiling: Tiling | None = None) -> tuple[jax.Array, jax.Array]:
     """Output ``[B, Tq, Hq, D]`` and base-2 log-sum-exp of the scaled scores ``[B, Hq, Tq]``.
 
-    ``blocks``: (block_q, block_k) tile shape; default from ``FWD_TILES``.
+    ``tiling``: tile shape and launch parameters; default from ``FWD_TILES``.
     """
     _check(q, k)
     batch, seq_q, heads, head_dim = q.shape
     groups = heads // k.shape[2]
     q_layout, kv_layout = _pad_layouts(q_layout, kv_layout)
     tq, tk = q_layout.shape[1], kv_layout.shape[1]
-    bq, bk = _blocks(blocks, FWD_TILES, head_dim, seq_q, k.shape[1])
+    bq, bk, params = _tiling(tiling, FWD_TILES, head_dim, seq_q, k.shape[1])
     lists = tiles.tile_lists(*tiles.tile_visibility(q_layout, kv_layout, bq, bk))
     kv_spec = pl.BlockSpec((None, tk, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0))
     q_spec = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
@@ -196,7 +207,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
         out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct((batch, tq, heads, head_dim), q.dtype),
                    jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32)],
-        compiler_params=_params(head_dim, num_stages),
+        compiler_params=params,
         interpret=interpret,
         name="block_attention_fwd",
     )(*lists, _pad_tokens(q, tq), _pad_tokens(k, tk), _pad_tokens(v, tk), _metadata(q_layout),
@@ -206,12 +217,12 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
 
 def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
              kv_layout: TokenLayout, out: jax.Array, lse: jax.Array, d_out: jax.Array, *,
-             scale: float, interpret: bool = False, dq_blocks: tuple[int, int] | None = None,
-             dkv_blocks: tuple[int, int] | None = None,
-             num_stages: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
+             scale: float, interpret: bool = False, dq_tiling: Tiling | None = None,
+             dkv_tiling: Tiling | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients ``(dq, dk, dv)`` of the forward from its output, log-sum-exp and ``d_out``.
 
-    ``dq_blocks`` / ``dkv_blocks``: (block_q, block_k) tile shapes of the two kernels.
+    ``dq_tiling`` / ``dkv_tiling``: tile shapes and launch parameters of the two kernels (default
+    from ``DQ_TILES`` / ``DKV_TILES``).
     """
     _check(q, k)
     batch, seq_q, heads, head_dim = q.shape
@@ -225,9 +236,8 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
     qp, dop = _pad_tokens(q, tq), _pad_tokens(d_out.astype(q.dtype), tq)
     kp, vp = _pad_tokens(k, tk), _pad_tokens(v, tk)
     q_meta, kv_meta = _metadata(q_layout), _metadata(kv_layout)
-    params = _params(head_dim, num_stages)
 
-    bq, bk = _blocks(dq_blocks, DQ_TILES, head_dim, seq_q, seq_k)
+    bq, bk, params = _tiling(dq_tiling, DQ_TILES, head_dim, seq_q, seq_k)
     lists = tiles.tile_lists(*tiles.tile_visibility(q_layout, kv_layout, bq, bk))
     q_spec = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
     kv_spec = pl.BlockSpec((None, tk, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0))
@@ -247,7 +257,7 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
         name="block_attention_dq",
     )(*lists, qp, kp, vp, q_meta, kv_meta, dop, lse, delta)
 
-    bq, bk = _blocks(dkv_blocks, DKV_TILES, head_dim, seq_q, seq_k)
+    bq, bk, params = _tiling(dkv_tiling, DKV_TILES, head_dim, seq_q, seq_k)
     maybe, full = tiles.tile_visibility(q_layout, kv_layout, bq, bk)
     lists = tiles.tile_lists(jnp.swapaxes(maybe, 1, 2), jnp.swapaxes(full, 1, 2))
     grouped = lambda x: x.reshape(batch, tq, kv_heads, groups, head_dim)

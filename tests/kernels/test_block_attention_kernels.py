@@ -23,7 +23,10 @@ from pallas_kernels.block_attention.mask import EMPTY_SEGMENT, TokenLayout, dens
 BACKENDS = ["gpu_interpret", "tpu_interpret"]
 KERNELS = {"gpu_interpret": gpu, "tpu_interpret": tpu}
 # non-square tiles of 16/32 tokens (the GPU backward takes its two kernels' tiles separately)
-SMALL_BWD_TILES = {"gpu_interpret": dict(dq_blocks=(16, 32), dkv_blocks=(32, 16)),
+SMALL_FWD_TILES = {"gpu_interpret": dict(tiling=gpu.Tiling(16, 32)),
+                   "tpu_interpret": dict(blocks=(16, 32))}
+SMALL_BWD_TILES = {"gpu_interpret": dict(dq_tiling=gpu.Tiling(16, 32),
+                                         dkv_tiling=gpu.Tiling(32, 16)),
                    "tpu_interpret": dict(blocks=(16, 32))}
 
 # tolerance: both sides are fp32; the kernels sum in another order (online softmax over tiles),
@@ -83,7 +86,8 @@ def test_training_rows_small_tiles_match_reference(backend):
     layout = stack_rows(flare_row([37, 50, 13], block_size=8), packed_causal([30, 120, 50]))
     q, k, v = batch_qkv(10, 2, 200, 200, hq=4, hkv=2, d=16)
     kernel = KERNELS[backend]
-    forward = jax.jit(functools.partial(kernel.forward, scale=0.3, interpret=True, blocks=(16, 32)))
+    forward = jax.jit(functools.partial(kernel.forward, scale=0.3, interpret=True,
+                                        **SMALL_FWD_TILES[backend]))
     backward = jax.jit(functools.partial(kernel.backward, scale=0.3, interpret=True,
                                          **SMALL_BWD_TILES[backend]))
     reference = lambda *a: block_attention(*a, layout, layout, scale=0.3, backend="reference")
@@ -157,3 +161,25 @@ def test_tile_visibility_is_conservative_and_tight():
 def test_rule_mask_helper_agrees_with_mask_module():
     layout = flare_row([5, 6])
     np.testing.assert_array_equal(rule_mask(layout, layout), dense_mask(layout, layout)[0])
+
+
+def test_gpu_kernels_lower_with_their_tilings():
+    """Each GPU kernel is lowered for CUDA with its own tiling: grid from its tiles, warps and
+    stages as given (T = 256, 4 heads over 2 kv heads, D 256, bf16)."""
+    layout = flare_row([128], block_size=32)
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(0, 256, 256, hq=4, hkv=2, d=256))
+    fwd, dq, dkv = gpu.Tiling(128, 64, 8, 3), gpu.Tiling(64, 64, 4, 2), gpu.Tiling(128, 64, 2, 1)
+
+    def attention(q, k, v):
+        out, lse = gpu.forward(q, k, v, layout, layout, scale=0.1, tiling=fwd)
+        return gpu.backward(q, k, v, layout, layout, out, lse, out, scale=0.1, dq_tiling=dq,
+                            dkv_tiling=dkv)
+
+    text = jax.jit(attention).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3
+    # grids (tiles, rows, heads): fwd 256/128 query tiles x 4 heads, dq 256/64 x 4, dkv 256/64 x 2
+    for grid, warps, stages in (((2, 1, 4), 8, 3), ((4, 1, 4), 4, 2), ((4, 1, 2), 2, 1)):
+        x, y, z = grid
+        assert text.count(f"grid_x = {x} : i32, grid_y = {y} : i32, grid_z = {z} : i32") == 1
+        assert text.count(f"num_stages = {stages} : i32, num_warps = {warps} : i32") == 1, (
+            grid, warps, stages)
