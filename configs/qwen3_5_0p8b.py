@@ -19,8 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     # The head's cross-entropy over steps of 4096 tokens, gradients formed in the forward pass:
     # 281.0 vs 301.5 ms per FLARE step at batch 2, 4.4 GiB more temp memory.
     c.train.token_chunk = 4096
-    # Micro-batches of 4 rows per device train fastest that fit an 80 GB part: 456.9 ms per FLARE
-    # step (35.5% MFU, 61.1 GiB) on the H200 (2 rows: 30.6%, measured before the last changes); set
+    # Micro-batches of 4 rows per device train fastest that fit an 80 GB part: 451.7 ms per FLARE
+    # step (35.95% MFU, 61.1 GiB) on the H200 (2 rows: 30.6%, measured before the last changes); set
     # train.grad_accum so that global_batch_size / (grad_accum * data devices) is 4
     # (docs/performance.md, "Batch 4").
     return c
