@@ -193,8 +193,8 @@ def bench_denoise(args) -> None:
         print(f"  xla_mask/ours = {ratio(res['xla_mask'], res['ours'])}")
 
 
-# Candidates per kernel (block_q, block_k, warps, stages); at D=256 tiles past these exceed
-# shared memory (--sweep on the H100, docs/performance.md "Block attention").
+# Candidates per kernel (block_q, block_k, warps, stages); at D=256 some exceed shared memory
+# and are reported as failed (docs/performance.md, "Block attention launch parameters").
 T = gpu.Tiling
 FWD_SWEEP = (T(128, 64, 8, 1), T(128, 64, 8, 2), T(128, 64, 8, 3), T(128, 64, 4, 2),
              T(64, 64, 4, 2), T(128, 32, 8, 2))

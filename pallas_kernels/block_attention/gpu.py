@@ -28,7 +28,6 @@ MAX_TILE = 128  # sequences are padded to a multiple of their largest tile
 ALL = slice(None)
 
 
-
 class Tiling(NamedTuple):
     """Tile shape (query and key tokens per tile) and Triton launch parameters of one kernel."""
 
