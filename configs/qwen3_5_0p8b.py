@@ -22,5 +22,5 @@ def get_config() -> ml_collections.ConfigDict:
     # Micro-batches of 4 rows per device train fastest that fit an 80 GB part: 451.7 ms per FLARE
     # step (35.95% MFU, 61.1 GiB) on the H200 (2 rows: 30.6%, measured before the last changes); set
     # train.grad_accum so that global_batch_size / (grad_accum * data devices) is 4
-    # (docs/performance.md, "Batch 4").
+    # (docs/performance.md, "Batch 4" and, for this figure, "Block attention launch parameters").
     return c
