@@ -110,8 +110,8 @@ def check_batch(rows: int, mesh) -> None:
 class Variant(NamedTuple):
     """One measured train step: objective, global batch (rows), layer remat policy
     (``layer_scan.REMAT_POLICIES``), vocabulary chunk of the cross-entropy (0: full logits),
-    kernel backend and token chunk of the cross-entropy (> 0: over positions instead, see
-    ``train.token_chunk``)."""
+    kernel backend, token chunk of the cross-entropy (> 0: over positions instead, see
+    ``train.token_chunk``) and the dtype its logits are stored in (``train.logits_dtype``)."""
 
     objective: str
     batch: int
@@ -119,10 +119,12 @@ class Variant(NamedTuple):
     vocab_chunk: int
     backend: str
     token_chunk: int = 0
+    logits_dtype: str = "float32"
 
     def label(self) -> str:
         chunk = f"tokens {self.token_chunk}" if self.token_chunk else f"chunk {self.vocab_chunk}"
-        return f"{self.objective} b{self.batch} remat {self.remat} {chunk}"
+        logits = "" if self.logits_dtype == "float32" else f" {self.logits_dtype} logits"
+        return f"{self.objective} b{self.batch} remat {self.remat} {chunk}{logits}"
 
 
 class Setup(NamedTuple):
@@ -186,7 +188,8 @@ def _lower_step(setup: Setup, variant: Variant, args):
                           noise=train_config.noise_config(cfg, config.mask_token_id),
                           loss=train_config.loss_config(cfg), remat=variant.remat,
                           objective=variant.objective, scan_layers=setup.scan_layers,
-                          vocab_chunk=variant.vocab_chunk, token_chunk=variant.token_chunk)
+                          vocab_chunk=variant.vocab_chunk, token_chunk=variant.token_chunk,
+                          logits_dtype=variant.logits_dtype)
     step = make_train_step(ModelBinder(config, COMPUTE_DTYPES[cfg.model.dtype], variant.backend),
                            setup.tx, step_cfg, setup.mesh,
                            state_shardings(setup.tx, setup.params, setup.mesh), seed=0)
@@ -240,6 +243,7 @@ def _measure_step(setup: Setup, variant: Variant, args, batch, compiled, compile
     return {"impl": f"jax-{variant.objective}", "backend": variant.backend,
             "scan_layers": setup.scan_layers, "remat": variant.remat,
             "vocab_chunk": variant.vocab_chunk, "token_chunk": variant.token_chunk,
+            "logits_dtype": variant.logits_dtype,
             "mesh": dict(setup.mesh.shape),
             "processes": jax.process_count(), "devices": devices, "batch": variant.batch,
             "seq": args.seq, "step_ms": 1e3 * step_s, "tokens_per_s": tokens_per_s,
@@ -253,7 +257,8 @@ def _measure_step(setup: Setup, variant: Variant, args, batch, compiled, compile
 def _error_row(variant: Variant, err: Exception) -> dict:
     return {"impl": f"jax-{variant.objective}", "backend": variant.backend,
             "batch": variant.batch, "remat": variant.remat, "vocab_chunk": variant.vocab_chunk,
-            "token_chunk": variant.token_chunk, "error": f"{type(err).__name__}: {str(err)[:1500]}"}
+            "token_chunk": variant.token_chunk, "logits_dtype": variant.logits_dtype,
+            "error": f"{type(err).__name__}: {str(err)[:1500]}"}
 
 
 def _out_of_memory(err: Exception) -> bool:
@@ -343,13 +348,13 @@ def _breakdown_pieces(setup: Setup, args) -> dict[str, tuple[Any, Any]]:
     weight, vocab_major = model.head_weight()
 
     def head_loss(chunk: str):
-        vocab_chunk, token_chunk = _head_chunks(chunk)
+        vocab_chunk, token_chunk, logits_dtype = _head_chunks(chunk)
 
         def fwd_bwd(weight, clean, noisy, *targets):
             def loss(w, c, n):
                 if vocab_chunk or token_chunk:
                     head = head_cross_entropy(w, vocab_major, vocab_chunk=vocab_chunk,
-                                              token_chunk=token_chunk)
+                                              token_chunk=token_chunk, logits_dtype=logits_dtype)
                     return flare_loss(c, n, *targets, loss_cfg, head)[0]
                 head = (w.T if vocab_major else w).astype(dtype)
                 logits = [jnp.einsum("bli,iv->blv", x, head, preferred_element_type=jnp.float32)
@@ -447,18 +452,19 @@ def _variants(args) -> list[Variant]:
     remat = cfg.model.remat if args.remat is None else REMAT_SPELLINGS[args.remat]
     chunk = cfg.train.vocab_chunk if args.vocab_chunk is None else args.vocab_chunk
     objectives = ("flare", "causal") if args.objective == "both" else (args.objective,)
-    return [Variant(o, args.batch, remat, chunk, args.backend, cfg.train.token_chunk)
-            for o in objectives]
+    return [Variant(o, args.batch, remat, chunk, args.backend, cfg.train.token_chunk,
+                    cfg.train.logits_dtype) for o in objectives]
 
 
 def _ratio_rows(rows: list[dict]) -> list[dict]:
     """FLARE over causal step time for every measured pair of the same batch, remat, chunk."""
     def key(row):
-        return row["batch"], row["remat"], row["vocab_chunk"], row["token_chunk"]
+        return (row["batch"], row["remat"], row["vocab_chunk"], row["token_chunk"],
+                row["logits_dtype"])
 
     causal = {key(r): r for r in rows if r.get("impl") == "jax-causal" and "step_ms" in r}
     return [{"batch": r["batch"], "remat": r["remat"], "vocab_chunk": r["vocab_chunk"],
-             "token_chunk": r["token_chunk"],
+             "token_chunk": r["token_chunk"], "logits_dtype": r["logits_dtype"],
              "flare_over_causal_step_time": r["step_ms"] / causal[key(r)]["step_ms"]}
             for r in rows if r.get("impl") == "jax-flare" and "step_ms" in r and key(r) in causal]
 
@@ -592,13 +598,20 @@ def _mesh_flag(text: str) -> tuple[int, int, int]:
 # commands in docs/performance.md ("remat" was the "full" policy).
 REMAT_SPELLINGS = {"none": "none", "full": "full", "selective": "selective",
                    "remat": "full", "no-remat": "none"}
-_VARIANT_FORM = f"objective,batch,{'|'.join(REMAT_SPELLINGS)},vocab_chunk|tTOKENS[,backend]"
+_VARIANT_FORM = (f"objective,batch,{'|'.join(REMAT_SPELLINGS)},vocab_chunk|tTOKENS[-bf16]"
+                 "[,backend]")
 
 
-def _head_chunks(text: str) -> tuple[int, int]:
-    """``(vocab_chunk, token_chunk)`` of a chunk field: ``8192`` a vocabulary chunk (``0``:
-    full logits), ``t4096`` a token chunk (``train.token_chunk``)."""
-    return (0, int(text[1:])) if text.startswith("t") else (int(text), 0)
+def _head_chunks(text: str) -> tuple[int, int, str]:
+    """``(vocab_chunk, token_chunk, logits_dtype)`` of a chunk field: ``8192`` a vocabulary
+    chunk (``0``: full logits), ``t4096`` a token chunk (``train.token_chunk``) with fp32
+    logits, ``t4096-bf16`` with bf16 logits (``train.logits_dtype``)."""
+    if not text.startswith("t"):
+        return int(text), 0, "float32"
+    tokens, _, dtype = text[1:].partition("-")
+    if dtype not in ("", "bf16"):
+        raise argparse.ArgumentTypeError(f"--variant: logits suffix wants -bf16, got {text!r}")
+    return 0, int(tokens), "bfloat16" if dtype else "float32"
 
 
 def _variant_flag(text: str) -> Variant:
@@ -607,9 +620,9 @@ def _variant_flag(text: str) -> Variant:
     parts = text.split(",")
     if len(parts) not in (4, 5) or parts[2] not in REMAT_SPELLINGS:
         raise argparse.ArgumentTypeError(f"--variant wants {_VARIANT_FORM}, got {text!r}")
-    vocab_chunk, token_chunk = _head_chunks(parts[3])
+    vocab_chunk, token_chunk, logits_dtype = _head_chunks(parts[3])
     return Variant(parts[0], int(parts[1]), REMAT_SPELLINGS[parts[2]], vocab_chunk,
-                   parts[4] if len(parts) == 5 else "auto", token_chunk)
+                   parts[4] if len(parts) == 5 else "auto", token_chunk, logits_dtype)
 
 
 def main() -> None:

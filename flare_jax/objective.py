@@ -167,13 +167,14 @@ def per_token(cross_entropy: Callable[[jax.Array, jax.Array], jax.Array]) -> Cro
 
 
 def head_cross_entropy(weight: jax.Array, vocab_major: bool, *, vocab_chunk: int = 0,
-                       token_chunk: int = 0) -> CrossEntropy:
+                       token_chunk: int = 0, logits_dtype: str = "float32") -> CrossEntropy:
     """Cross-entropy of final-normed hidden states ``[B, L, hidden]`` through the LM head
     ``weight`` (see :meth:`~flare_jax.model.hybrid.HybridLM.head_weight`), without the logits:
 
     - ``token_chunk > 0``: over steps of about that many tokens with the whole vocabulary, all
       triples in one pass (rows side by side), gradients formed in the forward pass
-      (:func:`~flare_jax.token_ce.weighted_cross_entropy`);
+      (:func:`~flare_jax.token_ce.weighted_cross_entropy`, the logits stored in
+      ``logits_dtype``);
     - else over vocabulary chunks of ``vocab_chunk`` ids, each triple on its own
       (:func:`~flare_jax.vocab_ce.chunked_cross_entropy`).
     """
@@ -182,7 +183,8 @@ def head_cross_entropy(weight: jax.Array, vocab_major: bool, *, vocab_chunk: int
             hidden, targets, weights = (jnp.concatenate(parts, axis=1)
                                         for parts in zip(*scored, strict=True))
             total, ce = weighted_cross_entropy(hidden, weight, targets, weights,
-                                               vocab_major=vocab_major, chunk_tokens=token_chunk)
+                                               vocab_major=vocab_major, chunk_tokens=token_chunk,
+                                               logits_dtype=jnp.dtype(logits_dtype))
             ends = list(itertools.accumulate(t.shape[1] for _, t, _ in scored))
             return total, jnp.split(ce, ends[:-1], axis=1)
 
@@ -190,6 +192,9 @@ def head_cross_entropy(weight: jax.Array, vocab_major: bool, *, vocab_chunk: int
     if vocab_chunk < 1:
         raise ValueError(f"head_cross_entropy needs vocab_chunk or token_chunk > 0, got "
                          f"{vocab_chunk}, {token_chunk}")
+    if logits_dtype != "float32":
+        raise ValueError(f"logits_dtype {logits_dtype!r} needs token_chunk > 0: the vocabulary "
+                         "chunks keep fp32 logits")
 
     def by_vocabulary(hidden: jax.Array, targets: jax.Array) -> jax.Array:
         return chunked_cross_entropy(hidden, weight, targets, vocab_major=vocab_major,

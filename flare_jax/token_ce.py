@@ -3,12 +3,14 @@ the forward pass.
 
 The loss weight of every token is an input, so the forward pass can finish the work at once:
 each step takes ``C`` positions of every row (about ``chunk_tokens`` tokens in all), forms their
-logits over the whole vocabulary ``[B, C, V]`` in fp32, the logsumexp and the cross-entropy, then
+logits over the whole vocabulary ``[B, C, V]`` (fp32 accumulation, stored in ``logits_dtype``:
+fp32, or bf16 to halve the bytes of the two memory-bound passes over them), the logsumexp and the
+cross-entropy in fp32, then
 ``d_logits = w (softmax - onehot)`` (compute dtype), ``d_hidden = d_logits @ W`` and the step's
 share of ``d_weight = d_logits^T @ hidden`` (fp32 accumulation). The backward pass only scales
 those two by the cotangent of the weighted sum. Three matmuls with the head per token instead of
 the four of :mod:`flare_jax.vocab_ce`, whose backward recomputes the logits. The one step's
-``[B, C, V]`` logits are the largest buffer (4 GiB at 4096 tokens x 248320 ids); ``d_weight`` is
+``[B, C, V]`` logits are the largest buffer (4 GiB in fp32 at 4096 tokens x 248320 ids); ``d_weight`` is
 held in fp32 from the forward pass to the backward pass.
 
 Positions are chunked within rows, so a batch sharded over rows stays sharded in every step.
@@ -27,9 +29,14 @@ from flare_jax.vocab_ce import matmul_precision
 
 def weighted_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Array,
                            token_weights: jax.Array, *, vocab_major: bool,
-                           chunk_tokens: int = 4096) -> tuple[jax.Array, jax.Array]:
+                           chunk_tokens: int = 4096, logits_dtype: jnp.dtype = jnp.float32
+                           ) -> tuple[jax.Array, jax.Array]:
     """``(sum(token_weights * ce), ce)``, ``ce [B, L]`` the fp32 per-token
     ``-log softmax(hidden @ head)[target]``.
+
+    ``logits_dtype``: what the head matmul stores (fp32 accumulation either way). bf16 rounds
+    each logit to 8 significant bits (relative error up to 2^-9) before the fp32 softmax, as the
+    model's other matmul outputs are rounded; fp32 keeps them exact.
 
     ``hidden [B, L, H]`` (its dtype is the matmul dtype; fp32 runs full-precision matmuls),
     ``weight`` the head: ``[V, H]`` with ``vocab_major`` (a tied embedding), else ``[H, V]``;
@@ -39,6 +46,9 @@ def weighted_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Ar
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    logits_dtype = jnp.dtype(logits_dtype)
+    if logits_dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"logits_dtype must be float32 or bfloat16, got {logits_dtype}")
     if (targets.ndim != 2 or hidden.shape[:2] != targets.shape
             or token_weights.shape != targets.shape):
         raise ValueError("expected hidden [B, L, H] with targets and token_weights [B, L], got "
@@ -46,7 +56,7 @@ def weighted_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Ar
     rows, length = targets.shape
     per_row = max(1, min(length, chunk_tokens // rows))
     dtypes = (jnp.dtype(hidden.dtype), jnp.dtype(weight.dtype))  # of the gradients
-    total, ce = _weighted_ce(vocab_major, per_row, dtypes, hidden, weight,
+    total, ce = _weighted_ce(vocab_major, per_row, logits_dtype, dtypes, hidden, weight,
                              targets.astype(jnp.int32), token_weights.astype(jnp.float32))
     return total, jax.lax.stop_gradient(ce)
 
@@ -65,8 +75,8 @@ def _from_steps(x: jax.Array, length: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(rows, steps * per_row, *x.shape[3:])[:, :length]
 
 
-def _scan(vocab_major: bool, per_row: int, hidden: jax.Array, weight: jax.Array,
-          targets: jax.Array, token_weights: jax.Array, with_grads: bool
+def _scan(vocab_major: bool, per_row: int, logits_dtype: jnp.dtype, hidden: jax.Array,
+          weight: jax.Array, targets: jax.Array, token_weights: jax.Array, with_grads: bool
           ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """``ce [B, L]`` and, ``with_grads``, the gradients of ``sum(token_weights * ce)`` for
     ``hidden`` (fp32, ``[B, L, H]``) and ``weight`` (fp32, its shape)."""
@@ -77,8 +87,9 @@ def _scan(vocab_major: bool, per_row: int, hidden: jax.Array, weight: jax.Array,
 
     def step(d_weight, xs):
         h, t, w = xs  # [B, C, H], [B, C], [B, C]: padded positions have weight 0
-        logits = jnp.einsum(f"bch,{w_dims}->bcv", h, head, preferred_element_type=jnp.float32,
+        stored = jnp.einsum(f"bch,{w_dims}->bcv", h, head, preferred_element_type=logits_dtype,
                             precision=precision)
+        logits = stored.astype(jnp.float32)  # fused into the passes below: they read `stored`
         lse = online_logsumexp(logits, axis=-1)  # one pass over the logits, not two
         ce = lse - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         if not with_grads:
@@ -100,25 +111,26 @@ def _scan(vocab_major: bool, per_row: int, hidden: jax.Array, weight: jax.Array,
     return _from_steps(ce, length), d_hidden, d_weight
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _weighted_ce(vocab_major: bool, per_row: int, dtypes: tuple[jnp.dtype, jnp.dtype],
-                 hidden: jax.Array, weight: jax.Array, targets: jax.Array,
-                 token_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _weighted_ce(vocab_major: bool, per_row: int, logits_dtype: jnp.dtype,
+                 dtypes: tuple[jnp.dtype, jnp.dtype], hidden: jax.Array, weight: jax.Array,
+                 targets: jax.Array, token_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     del dtypes
-    ce = _scan(vocab_major, per_row, hidden, weight, targets, token_weights, False)[0]
+    ce = _scan(vocab_major, per_row, logits_dtype, hidden, weight, targets, token_weights,
+               False)[0]
     return jnp.sum(token_weights * ce), ce
 
 
-def _fwd(vocab_major, per_row, dtypes, hidden, weight, targets, token_weights):
+def _fwd(vocab_major, per_row, logits_dtype, dtypes, hidden, weight, targets, token_weights):
     del dtypes
-    ce, d_hidden, d_weight = _scan(vocab_major, per_row, hidden, weight, targets, token_weights,
-                                   True)
+    ce, d_hidden, d_weight = _scan(vocab_major, per_row, logits_dtype, hidden, weight, targets,
+                                   token_weights, True)
     total = jnp.sum(token_weights * ce)
     return (total, ce), (d_hidden, d_weight, ce)
 
 
-def _bwd(vocab_major, per_row, dtypes, residuals, cotangents):
-    del vocab_major, per_row
+def _bwd(vocab_major, per_row, logits_dtype, dtypes, residuals, cotangents):
+    del vocab_major, per_row, logits_dtype
     hidden_dtype, weight_dtype = dtypes
     d_hidden, d_weight, ce = residuals
     g = cotangents[0]  # that of ``ce`` is zero: the public function stops its gradient

@@ -278,3 +278,6 @@ def test_flare_loss_from_hidden_states_equals_logits(head, logit_shift):
 def test_head_cross_entropy_needs_a_chunk():
     with pytest.raises(ValueError, match="needs vocab_chunk or token_chunk > 0"):
         head_cross_entropy(jnp.zeros((VOCAB, HIDDEN)), True)
+    with pytest.raises(ValueError, match="'bfloat16' needs token_chunk > 0"):
+        head_cross_entropy(jnp.zeros((VOCAB, HIDDEN)), True, vocab_chunk=32,
+                           logits_dtype="bfloat16")

@@ -87,6 +87,43 @@ def test_bf16_hidden_states_give_bf16_gradients_near_fp32():
         assert err < 3e-2
 
 
+def _rounded_to_bf16(x: jax.Array) -> jax.Array:
+    """``x`` rounded to bf16 in value, its gradient passed through unrounded."""
+    return x + jax.lax.stop_gradient(x.astype(jnp.bfloat16).astype(jnp.float32) - x)
+
+
+@pytest.mark.parametrize("vocab_major", [True, False], ids=["tied", "untied"])
+def test_bf16_logits_are_the_rounded_fp32_logits(vocab_major):
+    # logits_dtype=bf16 stores each fp32-accumulated logit rounded to bf16 and runs the softmax
+    # on those in fp32: the same as the dense cross-entropy of the rounded logits, to fp32 ulps
+    # (1e-5, as above; fp32 hidden states, so the gradients are not rounded either). Logits of
+    # std ~6 (max ~25) as in a trained model: rounding moves the loss by ~1e-2 here, so a path
+    # that kept fp32 logits would fail the first check.
+    hidden, weight, targets, token_weights = _case(vocab_major)
+    weight = 3 * weight
+
+    def ours(h, w, tw):
+        return weighted_cross_entropy(h, w, targets, tw, vocab_major=vocab_major,
+                                      chunk_tokens=12, logits_dtype=jnp.bfloat16)
+
+    def rounded(h, w, tw):
+        head = w.T if vocab_major else w
+        logits = jnp.einsum("blh,hv->blv", h, head, precision=jax.lax.Precision.HIGHEST)
+        ce = token_cross_entropy(_rounded_to_bf16(logits), targets)
+        return jnp.sum(tw * ce), ce
+
+    (total, ce), (want_total, want_ce) = ours(hidden, weight, token_weights), rounded(
+        hidden, weight, token_weights)
+    exact = _dense(hidden, weight, targets, token_weights, vocab_major)[1]
+    assert np.abs(np.asarray(ce - exact)).max() > 1e-3  # the bf16 logits are really rounded
+    np.testing.assert_allclose(ce, want_ce, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(total, want_total, atol=ATOL, rtol=0)
+    got = jax.grad(lambda *a: ours(*a)[0], argnums=(0, 1, 2))(hidden, weight, token_weights)
+    want = jax.grad(lambda *a: rounded(*a)[0], argnums=(0, 1, 2))(hidden, weight, token_weights)
+    for g, e in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, e, atol=ATOL, rtol=0)
+
+
 def test_bad_shapes_and_chunk_are_refused():
     hidden, weight, targets, token_weights = _case(True)
     with pytest.raises(ValueError, match=r"expected hidden \[B, L, H\]"):
@@ -94,3 +131,6 @@ def test_bad_shapes_and_chunk_are_refused():
     with pytest.raises(ValueError, match="chunk_tokens must be positive"):
         weighted_cross_entropy(hidden, weight, targets, token_weights, vocab_major=True,
                                chunk_tokens=0)
+    with pytest.raises(ValueError, match="logits_dtype must be float32 or bfloat16"):
+        weighted_cross_entropy(hidden, weight, targets, token_weights, vocab_major=True,
+                               logits_dtype=jnp.float16)

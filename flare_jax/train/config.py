@@ -106,6 +106,9 @@ def default_config() -> ml_collections.ConfigDict:
     # > 0: instead of vocab_chunk, over steps of about this many tokens with the whole vocabulary,
     # the gradients formed in the forward pass (flare_jax/token_ce.py: 3 head matmuls, not 4)
     c.train.token_chunk = 0
+    # with token_chunk: what the head matmul stores, "float32" or "bfloat16" (fp32 accumulation and
+    # an fp32 softmax either way; bf16 halves the bytes of the two passes over the logits)
+    c.train.logits_dtype = "float32"
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500
@@ -192,6 +195,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("train.peak_tflops", lambda v: _num(v) and v >= 0, "a number >= 0"),
         ("train.vocab_chunk", lambda v: _int(v) and v >= 0, "an int >= 0 (0: full logits)"),
         ("train.token_chunk", lambda v: _int(v) and v >= 0, "an int >= 0 (0: off)"),
+        ("train.logits_dtype", lambda v: v in DTYPES, f"one of {DTYPES}"),
         ("checkpoint.every", lambda v: _int(v) and v >= 0, "an int >= 0 (0: only at the end)"),
         ("checkpoint.keep", lambda v: _int(v) and v >= 1, "a positive int"),
         ("checkpoint.async_save", lambda v: isinstance(v, bool), "a bool"),
@@ -206,6 +210,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                                "both 0, nothing would be trained")
     if cfg.loss.elbo_weighting and cfg.noise.eps == 0:
         raise TrainConfigError("config.noise.eps: must be > 0 with loss.elbo_weighting (1/t)")
+    if cfg.train.logits_dtype != "float32" and cfg.train.token_chunk == 0:
+        raise TrainConfigError("config.train.logits_dtype: bfloat16 logits need train.token_chunk "
+                               "> 0 (the vocabulary-chunked cross-entropy keeps fp32 logits)")
     if cfg.data.global_batch_size % cfg.train.grad_accum:
         raise TrainConfigError(f"config.train.grad_accum: {cfg.train.grad_accum} does not divide "
                                f"data.global_batch_size={cfg.data.global_batch_size}")

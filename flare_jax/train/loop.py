@@ -149,7 +149,8 @@ def train(cfg: ml_collections.ConfigDict, stop_after: int | None = None) -> Trai
         noise=train_config.noise_config(cfg, model_config.mask_token_id),
         loss=train_config.loss_config(cfg), grad_accum=cfg.train.grad_accum,
         remat=cfg.model.remat, objective=cfg.train.objective, scan_layers=cfg.model.scan_layers,
-        vocab_chunk=cfg.train.vocab_chunk, token_chunk=cfg.train.token_chunk)
+        vocab_chunk=cfg.train.vocab_chunk, token_chunk=cfg.train.token_chunk,
+        logits_dtype=cfg.train.logits_dtype)
     binder = ModelBinder(model_config, COMPUTE_DTYPES[cfg.model.dtype], cfg.model.backend)
     step_fn = make_train_step(binder, tx, step_cfg, mesh, shardings, cfg.seed)
 

@@ -105,6 +105,9 @@ class StepConfig:
     # > 0: instead, the cross-entropy runs over steps of about this many tokens with the whole
     # vocabulary, its gradients formed in the forward pass (flare_jax.token_ce)
     token_chunk: int = 0
+    # what the head matmul stores with token_chunk > 0: "float32" or "bfloat16" (half the bytes of
+    # the logsumexp and d_logits passes; the softmax stays fp32)
+    logits_dtype: str = "float32"
 
 
 def _micro_batches(x: jax.Array, accum: int) -> jax.Array:
@@ -158,7 +161,8 @@ def make_train_step(binder: ModelBinder, tx: optax.GradientTransformation, cfg: 
         # through the head: the model returns normed hidden states, not logits
         chunked = cfg.vocab_chunk > 0 or cfg.token_chunk > 0
         cross_entropy = (head_cross_entropy(*model.head_weight(), vocab_chunk=cfg.vocab_chunk,
-                                            token_chunk=cfg.token_chunk) if chunked
+                                            token_chunk=cfg.token_chunk,
+                                            logits_dtype=cfg.logits_dtype) if chunked
                          else per_token(token_cross_entropy))
         if cfg.objective == "causal":
             outputs, _, stats = model(tokens, segment_ids, scan_layers=cfg.scan_layers,

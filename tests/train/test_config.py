@@ -29,6 +29,9 @@ def _tiny():
     ("loss.ar_weight", -0.5, "config.loss.ar_weight"),
     ("checkpoint.keep", 0, "config.checkpoint.keep"),
     ("train.token_chunk", -4, "config.train.token_chunk: expected an int >= 0"),
+    ("train.logits_dtype", "float16", "config.train.logits_dtype: expected one of"),
+    ("train.logits_dtype", "bfloat16", "config.train.logits_dtype: bfloat16 logits need "
+                                       "train.token_chunk"),
     ("workdir", "", "config.workdir"),
 ])
 def test_bad_values_name_the_field(field, value, message):

@@ -65,3 +65,13 @@ def test_chunked_step_equals_full_logits_step(objective, tied, head):
     for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(grads), expected, strict=True):
         np.testing.assert_allclose(g, e, atol=GRAD_ATOL, rtol=0,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_bf16_logits_reach_the_step():
+    # StepConfig.logits_dtype reaches the head: the loss moves by the bf16 rounding of the tiny
+    # model's O(0.1-1) logits (relative 2^-9 each, so ~1e-3 of an O(4) loss at most), not by 0
+    # and not by more.
+    fp32, _ = _one_step("flare", True, HEADS["token_chunks"])
+    bf16, _ = _one_step("flare", True, {**HEADS["token_chunks"], "logits_dtype": "bfloat16"})
+    assert bf16["loss"] != fp32["loss"]
+    np.testing.assert_allclose(bf16["loss"], fp32["loss"], rtol=1e-3)

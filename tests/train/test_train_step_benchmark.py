@@ -76,8 +76,14 @@ def test_variant_flag_spells_both_heads():
     assert (tokens.remat, tokens.vocab_chunk, tokens.token_chunk, tokens.backend) == (
         "full", 0, 4096, "reference")
     assert tokens.label() == "causal b1 remat full tokens 4096"
+    assert tokens.logits_dtype == "float32"
+    bf16 = flag("flare,4,selective,t4096-bf16")
+    assert (bf16.token_chunk, bf16.logits_dtype) == (4096, "bfloat16")
+    assert bf16.label() == "flare b4 remat selective tokens 4096 bfloat16 logits"
     with pytest.raises(Exception, match="--variant wants"):
         flag("flare,2,sometimes,8192")
+    with pytest.raises(Exception, match="logits suffix wants -bf16"):
+        flag("flare,2,selective,t4096-fp16")
 
 
 def test_batch_must_split_over_the_data_axes():
