@@ -19,6 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
     # The head's cross-entropy over steps of 4096 tokens, gradients formed in the forward pass:
     # 281.0 vs 301.5 ms per FLARE step at batch 2, 4.4 GiB more temp memory.
     c.train.token_chunk = 4096
+    # Its logits stored in bf16 (fp32 accumulation, fp32 softmax): 6-8 ms (1.4-1.7%) faster steps on
+    # the H200, the first six losses within 6e-5 of fp32 logits (docs/performance.md, "Head
+    # logsumexp kernel, bf16 logits").
+    c.train.logits_dtype = "bfloat16"
     # Micro-batches of 4 rows per device train fastest that fit an 80 GB part: 451.7 ms per FLARE
     # step (35.95% MFU, 61.1 GiB) on the H200 (2 rows: 30.6%, measured before the last changes); set
     # train.grad_accum so that global_batch_size / (grad_accum * data devices) is 4

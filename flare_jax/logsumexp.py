@@ -1,5 +1,6 @@
-"""One-pass (online) logsumexp: a single variadic reduction over ``x`` instead of the two of
-``jax.nn.logsumexp`` (a max, then a sum of ``exp(x - max)``), so the input is read once.
+"""One-pass (online) max and sum of exponentials: a single variadic reduction over ``x`` instead of
+the two of ``jax.nn.logsumexp`` (a max, then a sum of ``exp(x - max)``), so the input is read once;
+the vocabulary-chunked cross-entropy merges its chunks' pairs with :func:`merge_max_sum`.
 
 Every element is the pair ``(m, s) = (x, 1)``: a maximum and the sum of ``exp(x - m)`` over the
 elements reduced so far. Two pairs merge to ``(max(m1, m2), s_big + s_small * exp(-|m1 - m2|))``,
@@ -12,8 +13,6 @@ where ``jax.nn.logsumexp``'s vectorised sum is within 1e-6 (tests/test_logsumexp
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,25 +30,8 @@ def merge_max_sum(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]
 
 def max_sum_exp(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
     """``(max(x), sum(exp(x - max(x))))`` along ``axis`` in one variadic reduction, in ``x``'s
-    dtype; a row of ``-inf`` gives ``m = -inf``. Not differentiable (autodiff of
-    ``jax.lax.reduce`` with a custom computation fails): :func:`online_logsumexp` is."""
+    dtype (``m + log(s)`` is the logsumexp); a row of ``-inf`` gives ``m = -inf``. Not
+    differentiable (autodiff of ``jax.lax.reduce`` with a custom computation fails)."""
     axis = axis % x.ndim
     init = (jnp.array(-jnp.inf, x.dtype), jnp.array(0, x.dtype))
     return jax.lax.reduce((x, jnp.ones_like(x)), init, merge_max_sum, (axis,))
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def online_logsumexp(x: jax.Array, axis: int = -1) -> jax.Array:
-    """``log(sum(exp(x), axis))`` as :func:`jax.nn.logsumexp` (without ``b``, ``keepdims`` or
-    ``where``), reading ``x`` once. Differentiable: the derivative is ``softmax(x, axis)``."""
-    m, s = max_sum_exp(x, axis)
-    return m + jnp.log(s)
-
-
-@online_logsumexp.defjvp
-def _online_logsumexp_jvp(axis: int, primals: tuple[jax.Array], tangents: tuple[jax.Array]
-                          ) -> tuple[jax.Array, jax.Array]:
-    (x,), (dx,) = primals, tangents
-    lse = online_logsumexp(x, axis)
-    probs = jnp.exp(x - jnp.expand_dims(lse, axis))
-    return lse, jnp.sum(probs * dx, axis=axis)

@@ -167,14 +167,15 @@ def per_token(cross_entropy: Callable[[jax.Array, jax.Array], jax.Array]) -> Cro
 
 
 def head_cross_entropy(weight: jax.Array, vocab_major: bool, *, vocab_chunk: int = 0,
-                       token_chunk: int = 0, logits_dtype: str = "float32") -> CrossEntropy:
+                       token_chunk: int = 0, logits_dtype: str = "float32",
+                       backend: str = "auto") -> CrossEntropy:
     """Cross-entropy of final-normed hidden states ``[B, L, hidden]`` through the LM head
     ``weight`` (see :meth:`~flare_jax.model.hybrid.HybridLM.head_weight`), without the logits:
 
     - ``token_chunk > 0``: over steps of about that many tokens with the whole vocabulary, all
       triples in one pass (rows side by side), gradients formed in the forward pass
       (:func:`~flare_jax.token_ce.weighted_cross_entropy`, the logits stored in
-      ``logits_dtype``);
+      ``logits_dtype``, their logsumexp by the ``backend``'s kernel);
     - else over vocabulary chunks of ``vocab_chunk`` ids, each triple on its own
       (:func:`~flare_jax.vocab_ce.chunked_cross_entropy`).
     """
@@ -184,7 +185,8 @@ def head_cross_entropy(weight: jax.Array, vocab_major: bool, *, vocab_chunk: int
                                         for parts in zip(*scored, strict=True))
             total, ce = weighted_cross_entropy(hidden, weight, targets, weights,
                                                vocab_major=vocab_major, chunk_tokens=token_chunk,
-                                               logits_dtype=jnp.dtype(logits_dtype))
+                                               logits_dtype=jnp.dtype(logits_dtype),
+                                               backend=backend)
             ends = list(itertools.accumulate(t.shape[1] for _, t, _ in scored))
             return total, jnp.split(ce, ends[:-1], axis=1)
 

@@ -27,6 +27,7 @@ from pallas_kernels.causal_conv.reference import HeadNorm
 from pallas_kernels.gated_delta import api as gated_delta_api
 from pallas_kernels.gated_delta.api import GatedDeltaInputs
 from pallas_kernels.grouped_matmul import api as grouped_matmul_api
+from pallas_kernels.row_logsumexp import api as row_logsumexp_api
 
 BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch
 HEAD_AXES = ("tensor",)  # mesh axes that split attention and linear-attention heads
@@ -171,6 +172,27 @@ def _gated_delta_specs(b, h) -> GatedDeltaInputs:
     """Specs of ``(q, k, v [B, T, H, D], g, beta [B, T, H])``."""
     heads = P(b, None, h, None)
     return GatedDeltaInputs(heads, heads, heads, P(b, None, h), P(b, None, h))
+
+
+def vocab_logsumexp(logits: jax.Array, *, backend: str = "auto") -> jax.Array:
+    """fp32 ``logsumexp(logits [B, C, V], axis=-1)`` (any float dtype, read once), rows split over
+    the batch axes; with the vocabulary split over the head axes (tensor parallelism), each shard
+    reduces its columns and the shards' results are combined (max, then a sum of ``exp``)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    vocab_axes = None if mesh.empty else _split_axes(HEAD_AXES, logits.shape[2], mesh)
+
+    def run(logits):
+        rows = logits.reshape(-1, logits.shape[2])
+        lse = row_logsumexp_api.row_logsumexp(rows, backend=backend).reshape(logits.shape[:2])
+        if vocab_axes is None:
+            return lse
+        top = jax.lax.pmax(lse, vocab_axes)
+        return top + jnp.log(jax.lax.psum(jnp.exp(lse - top), vocab_axes))
+
+    def specs(b, h):
+        return (P(b, None, h),), P(b, None)
+
+    return _per_shard(run, logits.shape[0], (logits.shape[2],), specs)(logits)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,

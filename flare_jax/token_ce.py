@@ -4,8 +4,8 @@ the forward pass.
 The loss weight of every token is an input, so the forward pass can finish the work at once:
 each step takes ``C`` positions of every row (about ``chunk_tokens`` tokens in all), forms their
 logits over the whole vocabulary ``[B, C, V]`` (fp32 accumulation, stored in ``logits_dtype``:
-fp32, or bf16 to halve the bytes of the two memory-bound passes over them), the logsumexp and the
-cross-entropy in fp32, then
+fp32, or bf16 to halve the bytes of the two passes over them), their logsumexp
+(:func:`flare_jax.ops.vocab_logsumexp`, one read) and the cross-entropy in fp32, then
 ``d_logits = w (softmax - onehot)`` (compute dtype), ``d_hidden = d_logits @ W`` and the step's
 share of ``d_weight = d_logits^T @ hidden`` (fp32 accumulation). The backward pass only scales
 those two by the cotangent of the weighted sum. Three matmuls with the head per token instead of
@@ -19,18 +19,19 @@ Positions are chunked within rows, so a batch sharded over rows stays sharded in
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from flare_jax.logsumexp import online_logsumexp
+from flare_jax.ops import vocab_logsumexp
 from flare_jax.vocab_ce import matmul_precision
 
 
 def weighted_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Array,
                            token_weights: jax.Array, *, vocab_major: bool,
-                           chunk_tokens: int = 4096, logits_dtype: jnp.dtype = jnp.float32
-                           ) -> tuple[jax.Array, jax.Array]:
+                           chunk_tokens: int = 4096, logits_dtype: jnp.dtype = jnp.float32,
+                           backend: str = "auto") -> tuple[jax.Array, jax.Array]:
     """``(sum(token_weights * ce), ce)``, ``ce [B, L]`` the fp32 per-token
     ``-log softmax(hidden @ head)[target]``.
 
@@ -55,9 +56,10 @@ def weighted_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Ar
                          f"{hidden.shape}, {targets.shape}, {token_weights.shape}")
     rows, length = targets.shape
     per_row = max(1, min(length, chunk_tokens // rows))
-    dtypes = (jnp.dtype(hidden.dtype), jnp.dtype(weight.dtype))  # of the gradients
-    total, ce = _weighted_ce(vocab_major, per_row, logits_dtype, dtypes, hidden, weight,
-                             targets.astype(jnp.int32), token_weights.astype(jnp.float32))
+    static = _Static(vocab_major, per_row, logits_dtype, backend,
+                     (jnp.dtype(hidden.dtype), jnp.dtype(weight.dtype)))
+    total, ce = _weighted_ce(static, hidden, weight, targets.astype(jnp.int32),
+                             token_weights.astype(jnp.float32))
     return total, jax.lax.stop_gradient(ce)
 
 
@@ -75,22 +77,33 @@ def _from_steps(x: jax.Array, length: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(rows, steps * per_row, *x.shape[3:])[:, :length]
 
 
-def _scan(vocab_major: bool, per_row: int, logits_dtype: jnp.dtype, hidden: jax.Array,
-          weight: jax.Array, targets: jax.Array, token_weights: jax.Array, with_grads: bool
+class _Static(NamedTuple):
+    """The static arguments of the custom VJP."""
+
+    vocab_major: bool
+    per_row: int  # positions of each row per step
+    logits_dtype: jnp.dtype
+    backend: str
+    grad_dtypes: tuple[jnp.dtype, jnp.dtype]  # of hidden and weight
+
+
+def _scan(static: _Static, hidden: jax.Array, weight: jax.Array, targets: jax.Array,
+          token_weights: jax.Array, with_grads: bool
           ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """``ce [B, L]`` and, ``with_grads``, the gradients of ``sum(token_weights * ce)`` for
     ``hidden`` (fp32, ``[B, L, H]``) and ``weight`` (fp32, its shape)."""
     head = weight.astype(hidden.dtype)
     precision = matmul_precision(hidden.dtype)
-    w_dims = "vh" if vocab_major else "hv"
-    vocab = weight.shape[0 if vocab_major else 1]
+    w_dims = "vh" if static.vocab_major else "hv"
+    vocab = weight.shape[0 if static.vocab_major else 1]
+    per_row = static.per_row
 
     def step(d_weight, xs):
         h, t, w = xs  # [B, C, H], [B, C], [B, C]: padded positions have weight 0
-        stored = jnp.einsum(f"bch,{w_dims}->bcv", h, head, preferred_element_type=logits_dtype,
-                            precision=precision)
+        stored = jnp.einsum(f"bch,{w_dims}->bcv", h, head,
+                            preferred_element_type=static.logits_dtype, precision=precision)
+        lse = vocab_logsumexp(stored, backend=static.backend)
         logits = stored.astype(jnp.float32)  # fused into the passes below: they read `stored`
-        lse = online_logsumexp(logits, axis=-1)  # one pass over the logits, not two
         ce = lse - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         if not with_grads:
             return d_weight, (ce, None)
@@ -111,27 +124,21 @@ def _scan(vocab_major: bool, per_row: int, logits_dtype: jnp.dtype, hidden: jax.
     return _from_steps(ce, length), d_hidden, d_weight
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _weighted_ce(vocab_major: bool, per_row: int, logits_dtype: jnp.dtype,
-                 dtypes: tuple[jnp.dtype, jnp.dtype], hidden: jax.Array, weight: jax.Array,
-                 targets: jax.Array, token_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-    del dtypes
-    ce = _scan(vocab_major, per_row, logits_dtype, hidden, weight, targets, token_weights,
-               False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _weighted_ce(static: _Static, hidden: jax.Array, weight: jax.Array, targets: jax.Array,
+                 token_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    ce = _scan(static, hidden, weight, targets, token_weights, False)[0]
     return jnp.sum(token_weights * ce), ce
 
 
-def _fwd(vocab_major, per_row, logits_dtype, dtypes, hidden, weight, targets, token_weights):
-    del dtypes
-    ce, d_hidden, d_weight = _scan(vocab_major, per_row, logits_dtype, hidden, weight, targets,
-                                   token_weights, True)
+def _fwd(static, hidden, weight, targets, token_weights):
+    ce, d_hidden, d_weight = _scan(static, hidden, weight, targets, token_weights, True)
     total = jnp.sum(token_weights * ce)
     return (total, ce), (d_hidden, d_weight, ce)
 
 
-def _bwd(vocab_major, per_row, logits_dtype, dtypes, residuals, cotangents):
-    del vocab_major, per_row, logits_dtype
-    hidden_dtype, weight_dtype = dtypes
+def _bwd(static, residuals, cotangents):
+    hidden_dtype, weight_dtype = static.grad_dtypes
     d_hidden, d_weight, ce = residuals
     g = cotangents[0]  # that of ``ce`` is zero: the public function stops its gradient
     return ((g * d_hidden).astype(hidden_dtype), (g * d_weight).astype(weight_dtype), None,

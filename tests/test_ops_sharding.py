@@ -1,7 +1,8 @@
 """Kernels under a mesh (flare_jax/ops.py): each op runs per shard through ``shard_map`` (rows over
 the batch axes, heads over ``tensor`` where they divide) and gives the unsharded values and
 gradients; the conv with l2-normalised q, k heads and q / k / v parts also where a tensor shard
-holds parts of two of them. Run in a subprocess with 4 CPU devices."""
+holds parts of two of them; the head's logsumexp also with the vocabulary split over ``tensor``
+(each shard's result combined across shards). Run in a subprocess with 4 CPU devices."""
 
 import json
 import sys
@@ -25,7 +26,7 @@ def worker(out: Path) -> None:
 
     jax.config.update("jax_default_matmul_precision", "highest")
     batch, length, heads, dim = 4, 16, 4, 8
-    keys = iter(jax.random.split(jax.random.key(0), 16))
+    keys = iter(jax.random.split(jax.random.key(0), 17))
 
     def normal(shape):
         return jax.random.normal(next(keys), shape)
@@ -47,6 +48,10 @@ def worker(out: Path) -> None:
             normal((batch, length, 2, dim)), normal((batch, length, 2, dim)),
             normal((batch, length, 6 * dim)), normal((batch, length, 6 * dim)))
     conv_weight = normal((4, 6 * dim))
+    logits = 5 * normal((batch, length, 24)).astype(jnp.bfloat16)  # 24 ids split 2 or 4 ways
+
+    def lse(logits):
+        return ops.vocab_logsumexp(logits, backend="gpu_interpret")
 
     def conv(x, clean=None):  # 6 heads of q | k | v, 2 each; q and k normalised
         handoff = {} if clean is None else dict(clean=clean, block_size=4)
@@ -65,14 +70,19 @@ def worker(out: Path) -> None:
 
     grad = jax.value_and_grad(loss, argnums=range(7))
     reference = jax.tree.leaves(jax.jit(grad)(*args))
+    lse_reference = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
     result = {"no_mesh_shard_maps": str(jax.make_jaxpr(loss)(*args)).count("shard_map")}
     for name, shape in MESHES.items():
         with jax.set_mesh(make_mesh(*shape)):
             shard_maps = str(jax.make_jaxpr(loss)(*args)).count("shard_map")
             got = jax.tree.leaves(jax.jit(grad)(*args))
+            lse_shard_maps = str(jax.make_jaxpr(lse)(logits)).count("shard_map")
+            lse_got = jax.jit(lse)(logits)
         errors = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
                   for a, b in zip(got, reference, strict=True)]
-        result[name] = {"shard_maps": shard_maps, "max_rel_error": max(errors)}
+        errors.append(float(jnp.max(jnp.abs(lse_got - lse_reference) / jnp.abs(lse_reference))))
+        result[name] = {"shard_maps": shard_maps, "lse_shard_maps": lse_shard_maps,
+                        "max_rel_error": max(errors)}
     out.write_text(json.dumps(result))
 
 
@@ -84,6 +94,8 @@ def test_ops_run_per_shard_and_match_one_device(tmp_path):
     # two key / kv heads (six conv heads) do not split four ways and there is no batch axis:
     # ops run unsharded
     assert result["tensor4"]["shard_maps"] == 0
+    # the logsumexp splits its rows over the batch axes and its 24 ids over tensor (2 or 4 ways)
+    assert all(result[name]["lse_shard_maps"] == 1 for name in MESHES)
     for name in MESHES:
         assert result[name]["max_rel_error"] <= RTOL, (name, result[name])
 

@@ -2,6 +2,8 @@
 the weighted sum, the per-token values and the gradients of hidden states, head and token
 weights, for both head layouts and chunkings that do and do not divide the rows."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,3 +136,23 @@ def test_bad_shapes_and_chunk_are_refused():
     with pytest.raises(ValueError, match="logits_dtype must be float32 or bfloat16"):
         weighted_cross_entropy(hidden, weight, targets, token_weights, vocab_major=True,
                                logits_dtype=jnp.float16)
+
+
+@pytest.mark.parametrize("logits_dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_path_takes_the_logsumexp_kernel_on_the_stored_logits(logits_dtype):
+    # lowered for CUDA on this CPU machine: each step's logsumexp is the row kernel, fed the
+    # logits as the head matmul stored them (no fp32 copy of bf16 logits in between)
+    hidden, weight, targets, token_weights = _case(True)
+    hidden = hidden.astype(jnp.bfloat16)
+
+    def loss(h, w):
+        return weighted_cross_entropy(h, w, targets, token_weights, vocab_major=True,
+                                      chunk_tokens=12, logits_dtype=logits_dtype,
+                                      backend="gpu")[0]
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(hidden, weight).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert 'name = "row_logsumexp"' in text
+    stored = "bf16" if logits_dtype == jnp.bfloat16 else "f32"
+    # the kernel's operand: 3 rows x 4 positions of 53 ids in the stored dtype, padded to a tile
+    assert re.search(rf"\(tensor<12x4096x{stored}>\) -> tensor<12xf32>", text)

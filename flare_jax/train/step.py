@@ -51,6 +51,7 @@ class ModelBinder:
 
     def __init__(self, config: ModelConfig, dtype: jnp.dtype, backend: str):
         self.config = config
+        self.backend = backend
         abstract = nnx.eval_shape(lambda: HybridLM(config, dtype=dtype, param_dtype=jnp.float32,
                                                    rngs=nnx.Rngs(0), backend=backend))
         self.graphdef, state = nnx.split(abstract)
@@ -162,7 +163,8 @@ def make_train_step(binder: ModelBinder, tx: optax.GradientTransformation, cfg: 
         chunked = cfg.vocab_chunk > 0 or cfg.token_chunk > 0
         cross_entropy = (head_cross_entropy(*model.head_weight(), vocab_chunk=cfg.vocab_chunk,
                                             token_chunk=cfg.token_chunk,
-                                            logits_dtype=cfg.logits_dtype) if chunked
+                                            logits_dtype=cfg.logits_dtype,
+                                            backend=binder.backend) if chunked
                          else per_token(token_cross_entropy))
         if cfg.objective == "causal":
             outputs, _, stats = model(tokens, segment_ids, scan_layers=cfg.scan_layers,
