@@ -20,11 +20,12 @@ def get_config() -> ml_collections.ConfigDict:
     # 281.0 vs 301.5 ms per FLARE step at batch 2, 4.4 GiB more temp memory.
     c.train.token_chunk = 4096
     # Its logits stored in bf16 (fp32 accumulation, fp32 softmax): 6-8 ms (1.4-1.7%) faster steps on
-    # the H200, the first six losses within 6e-5 of fp32 logits (docs/performance.md, "Head
-    # logsumexp kernel, bf16 logits").
+    # the H200, the first losses within 1.1e-4 of fp32 logits' (docs/performance.md, "On the H100;
+    # the head's logsumexp kernel and bf16 logits").
     c.train.logits_dtype = "bfloat16"
-    # Micro-batches of 4 rows per device train fastest that fit an 80 GB part: 451.7 ms per FLARE
-    # step (35.95% MFU, 61.1 GiB) on the H200 (2 rows: 30.6%, measured before the last changes); set
-    # train.grad_accum so that global_batch_size / (grad_accum * data devices) is 4
-    # (docs/performance.md, "Batch 4" and, for this figure, "Block attention launch parameters").
+    # Micro-batches of 4 rows per device train fastest that fit an 80 GB part: 437.9 ms per FLARE
+    # step (37.1% MFU, 59.2 GiB) on the H200, 483.7 ms (33.6%) on the H100 before the bf16 logits
+    # (5 rows: no faster on the H200, out of memory on the H100); set train.grad_accum so that
+    # global_batch_size / (grad_accum * data devices) is 4 (docs/performance.md, "Batch 4" and, for
+    # these figures, "On the H100; the head's logsumexp kernel and bf16 logits").
     return c
