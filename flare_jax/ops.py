@@ -125,7 +125,8 @@ def chunk_for_length(length: int) -> int:
     """Chunk of the gated delta scan for ``length`` tokens: :data:`MAX_CHUNK`, or the smallest
     power of two (at least 16) holding a shorter call whole, so that a decoding pass over a few
     tokens does not prepare a chunk that is mostly padding. 32 rather than 64: the causal train
-    step is 2.4% faster on the H100 (docs/performance.md, "H100, 2026-12-02")."""
+    step is 2.4% faster on the H100 (docs/performance.md, "On the H100; the head's logsumexp
+    kernel and bf16 logits")."""
     return min(MAX_CHUNK, max(MIN_CHUNK, 1 << max(length - 1, 0).bit_length()))
 
 

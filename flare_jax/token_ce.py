@@ -10,8 +10,8 @@ fp32, or bf16 to halve the bytes of the two passes over them), their logsumexp
 share of ``d_weight = d_logits^T @ hidden`` (fp32 accumulation). The backward pass only scales
 those two by the cotangent of the weighted sum. Three matmuls with the head per token instead of
 the four of :mod:`flare_jax.vocab_ce`, whose backward recomputes the logits. The one step's
-``[B, C, V]`` logits are the largest buffer (4 GiB in fp32 at 4096 tokens x 248320 ids); ``d_weight`` is
-held in fp32 from the forward pass to the backward pass.
+``[B, C, V]`` logits are the largest buffer (4 GiB in fp32 at 4096 tokens x 248320 ids);
+``d_weight`` is held in fp32 from the forward pass to the backward pass.
 
 Positions are chunked within rows, so a batch sharded over rows stays sharded in every step.
 """
