@@ -84,7 +84,32 @@ def test_selective_remat_keeps_one_copy_of_the_conv_input(capsys):
     assert f"[1,{LENGTH + kernel - 1},{conv_dim}]" not in saved
 
 
-@pytest.mark.parametrize("remat", ["full", "selective"])
+def test_selective_inputs_keeps_what_the_matmuls_read(capsys):
+    """"selective_inputs" keeps, beyond "selective"'s, every projection's input: the SwiGLU
+    activation ``[1, 2L, I]`` that the down projection reads and the gated RMSNorm output of each
+    stream ``[1, L, value dim]`` that the output projection reads; "selective" keeps neither
+    (it recomputes them in the backward pass)."""
+    graphdef, params = nnx.split(_model("gpu_interpret"))
+    _, _, layout, _ = _inputs()
+    layer_graph, layer_state = nnx.split(nnx.merge(graphdef, params).layers[0])  # linear layer
+    value_dim = layer_state["linear_attn"]["out_proj"]["kernel"][...].shape[0]
+    h = jnp.ones((1, 2 * LENGTH, SMALL["hidden_size"]), jnp.float32)
+
+    def layer_loss(state, h):
+        return jnp.sum(nnx.merge(layer_graph, state).flare(h, layout)[0])
+
+    saved = {}
+    for remat in ("selective", "selective_inputs"):
+        print_saved_residuals(jax.checkpoint(layer_loss, policy=checkpoint_policy(remat)),
+                              layer_state, h)
+        saved[remat] = capsys.readouterr().out
+    activation = f"[1,{2 * LENGTH},{SMALL['intermediate_size']}] named 'projection_input'"
+    gated = f"[1,{LENGTH},{value_dim}] named 'projection_input'"
+    assert activation in saved["selective_inputs"] and gated in saved["selective_inputs"]
+    assert "projection_input" not in saved["selective"]
+
+
+@pytest.mark.parametrize("remat", ["full", "selective", "selective_inputs"])
 def test_remat_keeps_loss_and_gradients(remat):
     """fp32 on the CPU reference ops, unrolled layers (``nnx.remat`` with the policy): the loss
     and every parameter gradient equal the program without remat. Recomputation repeats the same
