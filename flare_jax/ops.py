@@ -24,7 +24,6 @@ from pallas_kernels.block_attention import api as attention_api
 from pallas_kernels.block_attention.mask import TokenLayout
 from pallas_kernels.causal_conv import api as causal_conv_api
 from pallas_kernels.causal_conv.reference import HeadNorm
-from pallas_kernels.ce_logits_grad import api as ce_logits_grad_api
 from pallas_kernels.gated_delta import api as gated_delta_api
 from pallas_kernels.gated_delta.api import GatedDeltaInputs
 from pallas_kernels.grouped_matmul import api as grouped_matmul_api
@@ -195,31 +194,6 @@ def vocab_logsumexp(logits: jax.Array, *, backend: str = "auto") -> jax.Array:
         return (P(b, None, h),), P(b, None)
 
     return _per_shard(run, logits.shape[0], (logits.shape[2],), specs)(logits)
-
-
-def vocab_ce_grad(logits: jax.Array, lse: jax.Array, targets: jax.Array, weights: jax.Array, *,
-                  out_dtype: jnp.dtype, backend: str = "auto") -> jax.Array:
-    """``weights (softmax - onehot(targets))`` of ``logits [B, C, V]`` (read once) from their
-    logsumexp ``lse [B, C]`` (:func:`vocab_logsumexp`), ``[B, C, V]`` in ``out_dtype``; rows split
-    over the batch axes, and with the vocabulary split over the head axes each shard forms its own
-    columns (its targets offset by its first id)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    vocab_axes = None if mesh.empty else _split_axes(HEAD_AXES, logits.shape[2], mesh)
-
-    def run(logits, lse, targets, weights):
-        if vocab_axes is not None:
-            targets = targets - jax.lax.axis_index(vocab_axes) * logits.shape[2]
-        grad = ce_logits_grad_api.ce_logits_grad(
-            logits.reshape(-1, logits.shape[2]), lse.reshape(-1), targets.reshape(-1),
-            weights.reshape(-1), out_dtype=out_dtype, backend=backend)
-        return grad.reshape(logits.shape)
-
-    def specs(b, h):
-        rows = P(b, None)
-        return (P(b, None, h), rows, rows, rows), P(b, None, h)
-
-    return _per_shard(run, logits.shape[0], (logits.shape[2],), specs)(logits, lse, targets,
-                                                                        weights)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,

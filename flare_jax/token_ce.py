@@ -6,8 +6,7 @@ each step takes ``C`` positions of every row (about ``chunk_tokens`` tokens in a
 logits over the whole vocabulary ``[B, C, V]`` (fp32 accumulation, stored in ``logits_dtype``:
 fp32, or bf16 to halve the bytes of the two passes over them), their logsumexp
 (:func:`flare_jax.ops.vocab_logsumexp`, one read) and the cross-entropy in fp32, then
-``d_logits = w (softmax - onehot)`` (:func:`flare_jax.ops.vocab_ce_grad`: one read of the
-logits, one write in the compute dtype), ``d_hidden = d_logits @ W`` and the step's
+``d_logits = w (softmax - onehot)`` (compute dtype), ``d_hidden = d_logits @ W`` and the step's
 share of ``d_weight = d_logits^T @ hidden`` (fp32 accumulation). The backward pass only scales
 those two by the cotangent of the weighted sum. Three matmuls with the head per token instead of
 the four of :mod:`flare_jax.vocab_ce`, whose backward recomputes the logits. The one step's
@@ -25,7 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from flare_jax.ops import vocab_ce_grad, vocab_logsumexp
+from flare_jax.ops import vocab_logsumexp
 from flare_jax.vocab_ce import matmul_precision
 
 
@@ -96,6 +95,7 @@ def _scan(static: _Static, hidden: jax.Array, weight: jax.Array, targets: jax.Ar
     head = weight.astype(hidden.dtype)
     precision = matmul_precision(hidden.dtype)
     w_dims = "vh" if static.vocab_major else "hv"
+    vocab = weight.shape[0 if static.vocab_major else 1]
     per_row = static.per_row
 
     def step(d_weight, xs):
@@ -103,11 +103,12 @@ def _scan(static: _Static, hidden: jax.Array, weight: jax.Array, targets: jax.Ar
         stored = jnp.einsum(f"bch,{w_dims}->bcv", h, head,
                             preferred_element_type=static.logits_dtype, precision=precision)
         lse = vocab_logsumexp(stored, backend=static.backend)
-        target_logits = jnp.take_along_axis(stored, t[..., None], axis=-1)[..., 0]
-        ce = lse - target_logits.astype(jnp.float32)
+        logits = stored.astype(jnp.float32)  # fused into the passes below: they read `stored`
+        ce = lse - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         if not with_grads:
             return d_weight, (ce, None)
-        d_logits = vocab_ce_grad(stored, lse, t, w, out_dtype=h.dtype, backend=static.backend)
+        onehot = jnp.arange(vocab) == t[..., None]
+        d_logits = (w[..., None] * (jnp.exp(logits - lse[..., None]) - onehot)).astype(h.dtype)
         d_h = jnp.einsum(f"bcv,{w_dims}->bch", d_logits, head,
                          preferred_element_type=jnp.float32, precision=precision)
         d_weight = d_weight + jnp.einsum(f"bcv,bch->{w_dims}", d_logits, h,

@@ -2,8 +2,7 @@
 the batch axes, heads over ``tensor`` where they divide) and gives the unsharded values and
 gradients; the conv with l2-normalised q, k heads and q / k / v parts also where a tensor shard
 holds parts of two of them; the head's logsumexp also with the vocabulary split over ``tensor``
-(each shard's result combined across shards), and its cross-entropy gradient with the
-vocabulary split (each shard's targets offset by its first id). Run in a subprocess with 4 CPU devices."""
+(each shard's result combined across shards). Run in a subprocess with 4 CPU devices."""
 
 import json
 import sys
@@ -27,7 +26,7 @@ def worker(out: Path) -> None:
 
     jax.config.update("jax_default_matmul_precision", "highest")
     batch, length, heads, dim = 4, 16, 4, 8
-    keys = iter(jax.random.split(jax.random.key(0), 19))
+    keys = iter(jax.random.split(jax.random.key(0), 17))
 
     def normal(shape):
         return jax.random.normal(next(keys), shape)
@@ -54,14 +53,6 @@ def worker(out: Path) -> None:
     def lse(logits):
         return ops.vocab_logsumexp(logits, backend="gpu_interpret")
 
-    targets = jax.random.randint(next(keys), (batch, length), 0, 24)
-    token_weights = jax.random.uniform(next(keys), (batch, length))
-    lse_reference = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-
-    def ce_grad(logits):
-        return ops.vocab_ce_grad(logits, lse_reference, targets, token_weights,
-                                 out_dtype=jnp.float32, backend="gpu_interpret")
-
     def conv(x, clean=None):  # 6 heads of q | k | v, 2 each; q and k normalised
         handoff = {} if clean is None else dict(clean=clean, block_size=4)
         return ops.causal_conv_silu(x, conv_weight, segments, l2_heads=(dim, 4 * dim),
@@ -79,7 +70,7 @@ def worker(out: Path) -> None:
 
     grad = jax.value_and_grad(loss, argnums=range(7))
     reference = jax.tree.leaves(jax.jit(grad)(*args))
-    ce_grad_reference = ce_grad(logits)
+    lse_reference = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
     result = {"no_mesh_shard_maps": str(jax.make_jaxpr(loss)(*args)).count("shard_map")}
     for name, shape in MESHES.items():
         with jax.set_mesh(make_mesh(*shape)):
@@ -87,12 +78,9 @@ def worker(out: Path) -> None:
             got = jax.tree.leaves(jax.jit(grad)(*args))
             lse_shard_maps = str(jax.make_jaxpr(lse)(logits)).count("shard_map")
             lse_got = jax.jit(lse)(logits)
-            ce_grad_got = jax.jit(ce_grad)(logits)
         errors = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
                   for a, b in zip(got, reference, strict=True)]
         errors.append(float(jnp.max(jnp.abs(lse_got - lse_reference) / jnp.abs(lse_reference))))
-        # each vocabulary shard finds its own targets (offset by its first id): exact
-        errors.append(float(jnp.max(jnp.abs(ce_grad_got - ce_grad_reference))))
         result[name] = {"shard_maps": shard_maps, "lse_shard_maps": lse_shard_maps,
                         "max_rel_error": max(errors)}
     out.write_text(json.dumps(result))
