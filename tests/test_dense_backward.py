@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flare_jax.model.layers import Dense, project
+from flare_jax.model.layers import Dense
 
 
 def test_dense_backward_matmuls_stay_in_bf16():
@@ -40,25 +40,3 @@ def test_dense_backward_matmuls_stay_in_bf16():
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         np.testing.assert_allclose(a, b, rtol=2 ** -8, atol=2 ** -8 * np.abs(b).max())
-
-
-def test_projection_to_several_output_axes():
-    """A kernel ``[in, 2, out]`` (SwiGLU's gate and up stacked): the output ``[..., 2, out]`` and
-    both gradients equal the einsum over the stacked kernel (fp32, full-precision matmuls: the
-    same products summed in another order, 1e-5)."""
-    x = jax.random.normal(jax.random.key(1), (3, 5, 8), jnp.float32)
-    kernel = jax.random.normal(jax.random.key(2), (8, 2, 6), jnp.float32)
-    cotangent = jax.random.normal(jax.random.key(3), (3, 5, 2, 6))
-    precision = jax.lax.Precision.HIGHEST
-
-    def ours(x, kernel):
-        return jnp.sum(project(x, kernel, precision) * cotangent)
-
-    def einsum(x, kernel):
-        return jnp.sum(jnp.einsum("bti,iko->btko", x, kernel, precision=precision) * cotangent)
-
-    assert project(x, kernel, precision).shape == (3, 5, 2, 6)
-    np.testing.assert_allclose(ours(x, kernel), einsum(x, kernel), rtol=1e-5)
-    for a, b in zip(jax.grad(ours, (0, 1))(x, kernel), jax.grad(einsum, (0, 1))(x, kernel),
-                    strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

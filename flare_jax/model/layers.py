@@ -11,7 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 Dtype = jnp.dtype | type
 PROJECTION = "projection"  # the name of every dense projection's output (remat policies)
-PROJECTION_INPUT = "projection_input"  # ... and of its input (in the compute dtype)
+PROJECTION_INPUT = "projection_input"  # ... and of its input, in the compute dtype
 
 
 def matmul_precision(dtype: Dtype) -> jax.lax.Precision:
@@ -21,25 +21,18 @@ def matmul_precision(dtype: Dtype) -> jax.lax.Precision:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def project(x: jax.Array, kernel: jax.Array, precision: jax.lax.Precision) -> jax.Array:
-    """``x [..., in]`` contracted with the first axis of ``kernel [in, *out]`` (``[..., *out]``)
-    in ``x``'s dtype (both operands in it), accumulated in fp32 and rounded once. Its backward
-    keeps the compute dtype too: ``dx = g kernel^T`` and ``dkernel = x^T g`` take the cotangent
-    ``g`` (already in ``x``'s dtype) with fp32 accumulation. Autodiff of an fp32-accumulated
-    einsum would instead hand the transposed matmuls an fp32 cotangent next to a bf16 operand,
-    which XLA runs as fp32 matmuls."""
+    """``x [..., in] @ kernel [in, out]`` in ``x``'s dtype (both operands in it), accumulated in
+    fp32 and rounded once. Its backward keeps the compute dtype too: ``dx = g kernel^T`` and
+    ``dkernel = x^T g`` take the cotangent ``g`` (already in ``x``'s dtype) with fp32
+    accumulation. Autodiff of an fp32-accumulated einsum would instead hand the transposed matmuls
+    an fp32 cotangent next to a bf16 operand, which XLA runs as fp32 matmuls."""
     return _project_fwd(x, kernel, precision)[0]
-
-
-def _dot(a: jax.Array, b: jax.Array, a_axes: tuple[int, ...], b_axes: tuple[int, ...],
-         precision: jax.lax.Precision) -> jax.Array:
-    """``a`` and ``b`` contracted over the given axes, fp32 accumulation."""
-    return jax.lax.dot_general(a, b, ((a_axes, b_axes), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
 
 
 def _project_fwd(x: jax.Array, kernel: jax.Array, precision: jax.lax.Precision
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    y = _dot(x, kernel, (x.ndim - 1,), (0,), precision)
+    y = jnp.einsum("...i,io->...o", x, kernel, preferred_element_type=jnp.float32,
+                   precision=precision)
     return y.astype(x.dtype), (x, kernel)
 
 
@@ -47,26 +40,20 @@ def _project_bwd(precision: jax.lax.Precision, residuals: tuple[jax.Array, jax.A
                  g: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, kernel = residuals
     g = g.astype(x.dtype)
-    batch, out = x.ndim - 1, kernel.ndim - 1
-    dx = _dot(g, kernel, tuple(range(batch, batch + out)), tuple(range(1, kernel.ndim)), precision)
-    dkernel = _dot(x, g, tuple(range(batch)), tuple(range(batch)), precision)
+    dx = jnp.einsum("...o,io->...i", g, kernel, preferred_element_type=jnp.float32,
+                    precision=precision)
+    dkernel = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32,
+                         precision=precision)
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
 project.defvjp(_project_fwd, _project_bwd)
 
 
-def dense(x: jax.Array, kernel: jax.Array, dtype: Dtype) -> jax.Array:
-    """:func:`project` of ``x`` with ``kernel [in, *out]``, both in ``dtype``; the input is named
-    :data:`PROJECTION_INPUT`, the output :data:`PROJECTION` (what the remat policies keep)."""
-    x = checkpoint_name(x.astype(dtype), PROJECTION_INPUT)
-    y = project(x, kernel.astype(dtype), matmul_precision(dtype))
-    return checkpoint_name(y, PROJECTION)
-
-
 class Dense(nnx.Module):
     """``y = x @ kernel`` with ``kernel [in, out]``; compute in ``dtype``, accumulate in fp32
-    (forward and backward, :func:`dense`)."""
+    (forward and backward, :func:`project`); ``x`` is named :data:`PROJECTION_INPUT` and ``y``
+    :data:`PROJECTION` (what the remat policies keep)."""
 
     def __init__(self, in_features: int, out_features: int, *, dtype: Dtype, param_dtype: Dtype,
                  rngs: nnx.Rngs, init_scale: float = 0.02):
@@ -75,7 +62,9 @@ class Dense(nnx.Module):
             init_scale * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return dense(x, self.kernel[...], self.dtype)
+        x = checkpoint_name(x.astype(self.dtype), PROJECTION_INPUT)
+        y = project(x, self.kernel[...].astype(self.dtype), matmul_precision(self.dtype))
+        return checkpoint_name(y, PROJECTION)
 
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
@@ -110,7 +99,7 @@ class GatedRMSNorm(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-    """``down(silu(gate(x)) * up(x))``; gate and up run as one matmul."""
+    """``down(silu(gate(x)) * up(x))``."""
 
     def __init__(self, hidden: int, intermediate: int, *, dtype: Dtype, param_dtype: Dtype,
                  rngs: nnx.Rngs):
@@ -120,7 +109,4 @@ class SwiGLU(nnx.Module):
         self.down_proj = Dense(intermediate, hidden, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # kernels stacked on a new axis, [hidden, 2, I]: a tensor-sharded I stays sharded
-        kernel = jnp.stack([self.gate_proj.kernel[...], self.up_proj.kernel[...]], axis=1)
-        gate_up = dense(x, kernel, self.gate_proj.dtype)
-        return self.down_proj(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
