@@ -63,23 +63,28 @@ def test_selective_remat_recomputes_only_elementwise_work():
     assert selective - none < 0.25 * (full - none), (none, full, selective)
 
 
-def test_selective_remat_keeps_one_copy_of_the_conv_input(capsys):
-    """The conv kernel's residuals are its zero-padded inputs: "selective" keeps the projection
-    they are padded from (``[B, T, C]``) and re-pads it in the backward pass instead of
-    storing the ``[B, T + K - 1, C]`` copies as well."""
+def _linear_layer_residuals(remat: str, capsys) -> tuple[str, nnx.State]:
+    """What one linear-attention layer's FLARE call saves for the backward pass under ``remat``
+    (``print_saved_residuals`` output, GPU kernels in interpret mode) and the layer's state."""
     graphdef, params = nnx.split(_model("gpu_interpret"))
-    clean, noisy, layout, _ = _inputs()
-    layer_graph, layer_state = nnx.split(nnx.merge(graphdef, params).layers[0])  # linear layer
-    conv_dim = layer_state["linear_attn"]["conv_weight"][...].shape[1]
-    kernel = layer_state["linear_attn"]["conv_weight"][...].shape[0]
+    _, _, layout, _ = _inputs()
+    layer_graph, layer_state = nnx.split(nnx.merge(graphdef, params).layers[0])
     h = jnp.ones((1, 2 * LENGTH, SMALL["hidden_size"]), jnp.float32)
 
     def layer_loss(state, h):
         return jnp.sum(nnx.merge(layer_graph, state).flare(h, layout)[0])
 
-    print_saved_residuals(jax.checkpoint(layer_loss, policy=checkpoint_policy("selective")),
+    print_saved_residuals(jax.checkpoint(layer_loss, policy=checkpoint_policy(remat)),
                           layer_state, h)
-    saved = capsys.readouterr().out
+    return capsys.readouterr().out, layer_state
+
+
+def test_selective_remat_keeps_one_copy_of_the_conv_input(capsys):
+    """The conv kernel's residuals are its zero-padded inputs: "selective" keeps the projection
+    they are padded from (``[B, T, C]``) and re-pads it in the backward pass instead of
+    storing the ``[B, T + K - 1, C]`` copies as well."""
+    saved, layer_state = _linear_layer_residuals("selective", capsys)
+    kernel, conv_dim = layer_state["linear_attn"]["conv_weight"][...].shape
     assert f"[1,{LENGTH},{conv_dim}] named 'projection'" in saved
     assert f"[1,{LENGTH + kernel - 1},{conv_dim}]" not in saved
 
@@ -89,24 +94,12 @@ def test_selective_inputs_keeps_what_the_matmuls_read(capsys):
     activation ``[1, 2L, I]`` that the down projection reads and the gated RMSNorm output of each
     stream ``[1, L, value dim]`` that the output projection reads; "selective" keeps neither
     (it recomputes them in the backward pass)."""
-    graphdef, params = nnx.split(_model("gpu_interpret"))
-    _, _, layout, _ = _inputs()
-    layer_graph, layer_state = nnx.split(nnx.merge(graphdef, params).layers[0])  # linear layer
+    selective, _ = _linear_layer_residuals("selective", capsys)
+    saved, layer_state = _linear_layer_residuals("selective_inputs", capsys)
     value_dim = layer_state["linear_attn"]["out_proj"]["kernel"][...].shape[0]
-    h = jnp.ones((1, 2 * LENGTH, SMALL["hidden_size"]), jnp.float32)
-
-    def layer_loss(state, h):
-        return jnp.sum(nnx.merge(layer_graph, state).flare(h, layout)[0])
-
-    saved = {}
-    for remat in ("selective", "selective_inputs"):
-        print_saved_residuals(jax.checkpoint(layer_loss, policy=checkpoint_policy(remat)),
-                              layer_state, h)
-        saved[remat] = capsys.readouterr().out
-    activation = f"[1,{2 * LENGTH},{SMALL['intermediate_size']}] named 'projection_input'"
-    gated = f"[1,{LENGTH},{value_dim}] named 'projection_input'"
-    assert activation in saved["selective_inputs"] and gated in saved["selective_inputs"]
-    assert "projection_input" not in saved["selective"]
+    assert f"[1,{2 * LENGTH},{SMALL['intermediate_size']}] named 'projection_input'" in saved
+    assert f"[1,{LENGTH},{value_dim}] named 'projection_input'" in saved
+    assert "projection_input" not in selective
 
 
 @pytest.mark.parametrize("remat", ["full", "selective", "selective_inputs"])
