@@ -11,9 +11,9 @@ def get_config() -> ml_collections.ConfigDict:
                        tie_word_embeddings=True)
     # Keeps matmul and kernel outputs: 10% faster steps than "full" on the H200, about 16 GiB of
     # saved activations per 4096-token row (docs/performance.md, "Selective remat").
-    # "selective_inputs" (also every projection's input) is 6.6 ms (1.5%) faster per FLARE step on
+    # "selective_inputs" (also every projection's input) is 4.5 ms (1.0%) faster per FLARE step on
     # the H200 but takes 11.25 GiB more at batch 4 (70.4 GiB in all): too close to an 80 GB part's
-    # limit (docs/performance.md, "Where the step's time goes now").
+    # limit (docs/performance.md, "The committed code with each policy").
     c.model.remat = "selective"
     # Unrolled layers: 8.5% faster steps on the H200 (302.7 vs 330.9 ms, FLARE batch 2) and 7 GiB
     # less temp memory; the scanned stack's loop copies its carries (a 13 ms memcpy per step).
