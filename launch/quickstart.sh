@@ -19,7 +19,9 @@ case "$job" in
   test)
     .venv/bin/python -m pip install -q -e ".[test]"
     .venv/bin/ruff check .
-    exec .venv/bin/python -m pytest -q tests "${@:2}"
+    # two pytest-xdist workers (FLARE_TEST_WORKERS): the suite is compile-bound and one process
+    # keeps about one core busy; a file's tests share a worker (and its module fixtures)
+    exec .venv/bin/python -m pytest -q -n "${FLARE_TEST_WORKERS:-2}" --dist loadfile tests "${@:2}"
     ;;
   *)
     echo "usage: bash launch/quickstart.sh demo|test" >&2

@@ -54,7 +54,8 @@ def run_worker(tmp_path_factory, compile_cache):
 @pytest.fixture(scope="session")
 def mesh_results(run_worker) -> dict:
     """The ``meshes`` worker's runs (1 device; data, fsdp, fsdp+tensor meshes; accumulation;
-    AR-only)."""
+    AR-only). Only test_multidevice.py uses it: xdist runs a file's tests on one worker (--dist
+    loadfile), so the job runs once."""
     return run_worker("meshes", 4)
 
 
@@ -104,7 +105,8 @@ LAYOUTS = ((1, 8, "data,fsdp,fsdp_tensor"), (2, 4, "data,fsdp,fsdp_tensor"), (4,
 @pytest.fixture(scope="session")
 def layout_runs(run_job, tmp_path_factory) -> tuple[Path, dict]:
     """The ``layouts`` worker as 1 x 8, 2 x 4 and 4 x 2 process jobs (in this order: the first
-    writes the shared checkpoints); the shared directory and the results per layout."""
+    writes the shared checkpoints); the shared directory and the results per layout. Only
+    test_launch.py uses it (one xdist worker, as for ``mesh_results``)."""
     shared = tmp_path_factory.mktemp("layouts_shared")
     return shared, {f"{n}x{d}": run_job("layouts", n, d, str(shared), meshes)
                     for n, d, meshes in LAYOUTS}

@@ -1,7 +1,8 @@
 """Launchers: `launch/local.py` process jobs (1 x 8, 2 x 4 and 4 x 2 CPU devices) give the same
 loss curves on data, fsdp and fsdp+tensor meshes (4 x 2: fsdp+tensor only); failure handling of
 the launcher; the SLURM task helper and the TPU pod launcher compose the right `flare train`
-command."""
+command; the state the 1 x 8 job saved restores bit for bit onto other meshes, in one process and
+in the 2 x 4 and 4 x 2 jobs."""
 
 import os
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 from conftest import LAUNCHER, REPO
+from workers import SAVED_STEP
 
 # fp32 everywhere ('highest' matmul precision). Across process layouts the same mesh runs the same
 # SPMD program; only the cross-process collectives (gloo instead of in-process) may sum in another
@@ -38,6 +40,20 @@ def test_process_layouts_give_the_same_loss_curves(layout_runs):
                 assert run["tokens"] == reference["tokens"]
                 if layout != "1x8":  # compared shard by shard with the 1 x 8 run's final state
                     assert run["state_max_diff"] <= STATE_ATOL, (layout, mesh)
+
+
+def test_restore_onto_other_meshes_is_bitwise(layout_runs, run_worker):
+    shared, runs = layout_runs
+    result = run_worker("restore", 4, str(shared))
+    assert result["device_count"] == 4 and result["latest"] == SAVED_STEP
+    # Parameters and the AdamW state (count, mu, nu) after 3 steps: every byte equal.
+    for name, specs in (("fsdp4", "'fsdp'"), ("fsdp2_tensor2", "'tensor'")):
+        assert result[name]["mismatch"] == 0.0, name
+        assert result[name]["opt_leaves"] > 20
+        assert any(specs in s for s in result[name]["specs"]), result[name]["specs"]
+    # The same checkpoint restored by the 2 x 4 and 4 x 2 process jobs on their fsdp+tensor mesh.
+    for layout in ("2x4", "4x2"):
+        assert all(r["restored_mismatch"] == 0.0 for r in runs[layout]), layout
 
 
 def np_close(actual: list[float], desired: list[float], rtol: float, what: str) -> None:

@@ -1,5 +1,6 @@
-"""Sharded training on CPU host devices, in a subprocess with 4 devices: several meshes give the
-1-device losses and parameters (multi-process ``jax.distributed`` jobs: test_launch.py)."""
+"""Training in the ``meshes`` subprocess worker (4 CPU host devices): several meshes give the
+1-device losses and parameters, and AR-only FLARE training is plain causal LM training
+(multi-process ``jax.distributed`` jobs: test_launch.py)."""
 
 import numpy as np
 
@@ -29,3 +30,15 @@ def test_meshes_match_one_device(mesh_results):
     # gradients formed in the forward pass) instead of over the vocabulary.
     for name in ("data", "fsdp", "fsdp_tensor_accum2", "fsdp_tensor_token_chunks"):
         _assert_same_run(result[name], reference)
+
+
+def test_ar_only_training_is_causal_lm_training(mesh_results):
+    # Run by the subprocess worker (cheaper XLA compile): a FLARE step with diffusion_weight 0
+    # vs. the plain causal LM loss of the same batch (next token, same document, loss tokens).
+    result = mesh_results["ar_only"]
+    # fp32 with 'highest' matmuls; the clean stream equals causal mode (model tests), the mean is
+    # over the same tokens in another summation order: 1e-6 relative.
+    np.testing.assert_allclose(result["losses"][0], result["causal_loss"], rtol=1e-6)
+    ar_tokens, diffusion_tokens = result["tokens"][0]
+    assert ar_tokens == result["causal_tokens"]
+    assert diffusion_tokens > 0  # the noisy stream ran, with zero weight
