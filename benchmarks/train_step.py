@@ -669,6 +669,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the rows as JSON (process 0), rewritten after each row")
     args = parser.parse_args()
+    if args.peer != "hf":
+        from flare_jax.train.memory import default_memory_fraction
+
+        default_memory_fraction()  # as `flare train` does: XLA's 75% does not fit batch 4 on 80 GB
     if args.distributed:
         from flare_jax.train.mesh import initialize_distributed
 

@@ -64,6 +64,9 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from flare_jax.train import apply_overrides, load_config_file, train
+    from flare_jax.train.memory import default_memory_fraction
+
+    default_memory_fraction()
 
     cfg = load_config_file(args.config)
     apply_overrides(cfg, args.overrides)
