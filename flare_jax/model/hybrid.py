@@ -273,7 +273,7 @@ class HybridLM(nnx.Module):
               with_router_stats: bool = False, normed_hidden: bool = False) -> tuple:
         """FLARE training mode: the clean row and its noised copy ``[B, L]`` in one pass.
 
-        ``remat`` (``"none"``, ``"full"``, ``"selective"`` or ``"selective_inputs"``, see
+        ``remat`` (one of ``layer_scan.REMAT_POLICIES``, see
         :mod:`~flare_jax.model.layer_scan`) says what each decoder layer keeps for the backward
         pass; ``constrain`` is applied to the hidden states ``[B, 2L, hidden]`` after the
         embedding and every layer (training uses it for sharding constraints); ``scan_layers`` runs
