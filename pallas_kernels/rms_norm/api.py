@@ -62,7 +62,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, *, gate: jax.Array | None = None, 
     power_of_two = width & (width - 1) == 0
     if backend == "gpu_interpret" or (backend == "gpu" and power_of_two):
         static = _Static(float(eps), unit_offset, tiling or gpu.Tiling(), backend == "gpu_interpret")
-        rows = (lambda a: a.reshape(-1, width))
-        return _gpu_norm(static, rows(x), weight, None if gate is None else rows(gate)).reshape(
-            x.shape)
+        rows_gate = None if gate is None else gate.reshape(-1, width)
+        return _gpu_norm(static, x.reshape(-1, width), weight, rows_gate).reshape(x.shape)
     return reference.rms_norm(x, weight, gate, eps=eps, unit_offset=unit_offset)
