@@ -27,7 +27,6 @@ from pallas_kernels.causal_conv.reference import HeadNorm
 from pallas_kernels.gated_delta import api as gated_delta_api
 from pallas_kernels.gated_delta.api import GatedDeltaInputs
 from pallas_kernels.grouped_matmul import api as grouped_matmul_api
-from pallas_kernels.rms_norm import api as rms_norm_api
 from pallas_kernels.row_logsumexp import api as row_logsumexp_api
 
 BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch
@@ -48,24 +47,22 @@ def _named(fn: Callable) -> Callable:
 
 
 def _per_shard(fn: Callable, batch: int, heads: tuple[int, ...],
-               specs: Callable[[object, object], tuple[tuple, object]], *,
-               named: bool = True) -> Callable:
+               specs: Callable[[object, object], tuple[tuple, object]]) -> Callable:
     """``fn`` under the current mesh's ``shard_map`` (``fn`` itself without a mesh), its
-    outputs named :data:`OP_OUTPUT` if ``named``: ``specs(b, h) -> (in_specs, out_specs)``
-    places the batch axes ``b`` and head axes ``h`` (None where they do not divide ``batch`` /
-    every entry of ``heads``)."""
-    wrap = _named if named else (lambda f: f)
+    outputs named :data:`OP_OUTPUT`: ``specs(b, h) -> (in_specs, out_specs)`` places the batch
+    axes ``b`` and head axes ``h`` (None where they do not divide ``batch`` / every entry of
+    ``heads``)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return wrap(fn)
+        return _named(fn)
     b = _split_axes(BATCH_AXES, batch, mesh)
     head_splits = [_split_axes(HEAD_AXES, n, mesh) for n in heads]
     h = head_splits[0] if head_splits and None not in head_splits else None
     if b is None and h is None:
-        return wrap(fn)
+        return _named(fn)
     in_specs, out_specs = specs(b, h)
-    return wrap(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                              check_vma=False))
+    return _named(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                                check_vma=False))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
@@ -118,26 +115,6 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
     if split_at is not None and kernel_split is None:
         return tuple(jnp.split(out, split_at, axis=-1))
     return out
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, *, gate: jax.Array | None = None, eps: float,
-             unit_offset: bool, backend: str = "auto") -> jax.Array:
-    """RMSNorm over the last axis of ``x [B, ..., D]`` (``(1 + weight)`` scale with
-    ``unit_offset``; times ``silu(gate)`` with a gate), rows split over the batch axes and, for
-    ``[B, T, H, D]`` heads, heads over the head axes. Its output is not named
-    :data:`OP_OUTPUT`: the projection that reads it names it (``layers.PROJECTION_INPUT``), so
-    the remat policies decide on it as on any projection input."""
-    def run(x, weight, gate):
-        return rms_norm_api.rms_norm(x, weight, gate=gate, eps=eps, unit_offset=unit_offset,
-                                     backend=backend)
-
-    heads = (x.shape[2],) if x.ndim == 4 else ()
-
-    def specs(b, h):
-        rows = P(b, *[None] * (x.ndim - 1)) if x.ndim != 4 else P(b, None, h, None)
-        return (rows, P(None), None if gate is None else rows), rows
-
-    return _per_shard(run, x.shape[0], heads, specs, named=False)(x, weight, gate)
 
 
 MAX_CHUNK = 32

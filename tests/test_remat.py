@@ -46,11 +46,11 @@ def _loss_fn(graphdef, remat: str):
 
 def test_selective_remat_recomputes_only_elementwise_work():
     """Gradient programs on the GPU kernels (interpret mode), FLOPs as XLA counts them after
-    removing dead code (an interpret-mode kernel's loop body counted once): "full" recomputes
-    each layer's forward (matmuls and kernels: 16-21% more than "none" at this size, measured);
-    "selective" keeps the projections' outputs, the ops' outputs and the kernels' residuals, so
-    it recomputes only elementwise work (norms, gates, activations), under a quarter of "full"'s
-    extra (0.14 measured; a policy that lost the names would recompute as much as "full")."""
+    removing dead code: "full" recomputes each layer's forward (matmuls and kernels: about a
+    third more than "none" at this size); "selective" keeps the projections' outputs, the ops'
+    outputs and the kernels' residuals, so it recomputes only elementwise work (norms, gates,
+    activations), under a quarter of "full"'s extra (0.15 measured; a policy that lost the
+    names would recompute as much as "full")."""
     graphdef, params = nnx.split(_model("gpu_interpret"))
 
     def flops(remat: str) -> float:
@@ -59,7 +59,7 @@ def test_selective_remat_recomputes_only_elementwise_work():
         return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
     none, full, selective = (flops(r) for r in ("none", "full", "selective"))
-    assert full > 1.1 * none
+    assert full > 1.2 * none
     assert selective - none < 0.25 * (full - none), (none, full, selective)
 
 

@@ -27,9 +27,8 @@ class GatedAttention(nnx.Module):
         self.k_proj = Dense(c.hidden_size, c.num_key_value_heads * c.head_dim, **kw)
         self.v_proj = Dense(c.hidden_size, c.num_key_value_heads * c.head_dim, **kw)
         self.o_proj = Dense(c.num_attention_heads * c.head_dim, c.hidden_size, **kw)
-        norm_kw = dict(eps=c.rms_norm_eps, param_dtype=param_dtype, backend=backend)
-        self.q_norm = RMSNorm(c.head_dim, **norm_kw)
-        self.k_norm = RMSNorm(c.head_dim, **norm_kw)
+        self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, param_dtype=param_dtype)
+        self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, q_layout: TokenLayout, kv_layout: TokenLayout,
                  cache: AttentionCache | None = None, write_start: jax.Array | None = None

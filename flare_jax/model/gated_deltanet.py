@@ -36,8 +36,7 @@ class GatedDeltaNet(nnx.Module):
         self.dt_bias = nnx.Param(jnp.ones((c.linear_num_value_heads,), param_dtype))
         self.A_log = nnx.Param(jnp.log(jax.random.uniform(
             rngs.params(), (c.linear_num_value_heads,), jnp.float32, 0.01, 16.0)).astype(param_dtype))
-        self.norm = GatedRMSNorm(c.linear_value_head_dim, eps=c.rms_norm_eps, param_dtype=param_dtype,
-                                 backend=backend)
+        self.norm = GatedRMSNorm(c.linear_value_head_dim, eps=c.rms_norm_eps, param_dtype=param_dtype)
         self.out_proj = Dense(c.linear_value_dim, c.hidden_size, **kw)
 
     def _conv(self, mixed: jax.Array, segment_ids: jax.Array, **kwargs) -> tuple[jax.Array, ...]:

@@ -45,7 +45,7 @@ class DecoderLayer(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         layer_type = config.layer_types[index]
         self.layer_type = layer_type
-        norm_kw = dict(eps=config.rms_norm_eps, param_dtype=param_dtype, backend=backend)
+        norm_kw = dict(eps=config.rms_norm_eps, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, **norm_kw)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm_kw)
         if layer_type == FULL:
@@ -109,8 +109,7 @@ class HybridLM(nnx.Module):
         self.layers = nnx.List([
             DecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend)
             for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype,
-                            backend=backend)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = Dense(config.hidden_size, config.vocab_size, dtype=dtype,
                                  param_dtype=param_dtype, rngs=rngs)

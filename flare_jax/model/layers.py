@@ -9,8 +9,6 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from flare_jax import ops
-
 Dtype = jnp.dtype | type
 PROJECTION = "projection"  # the name of every dense projection's output (remat policies)
 PROJECTION_INPUT = "projection_input"  # ... and of its input, in the compute dtype
@@ -71,32 +69,35 @@ class Dense(nnx.Module):
         return checkpoint_name(y, PROJECTION)
 
 
-class RMSNorm(nnx.Module):
-    """Qwen3.5 RMSNorm: fp32 normalisation scaled by ``(1 + weight)``, weight initialised to 0
-    (:func:`flare_jax.ops.rms_norm`: the Pallas kernels on the GPU)."""
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """``x / rms(x)`` over the last axis, computed in fp32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
 
-    def __init__(self, dim: int, *, eps: float, param_dtype: Dtype, backend: str = "auto"):
+
+class RMSNorm(nnx.Module):
+    """Qwen3.5 RMSNorm: fp32 normalisation scaled by ``(1 + weight)``, weight initialised to 0."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: Dtype):
         self.eps = eps
-        self.backend = backend
         self.weight = nnx.Param(jnp.zeros((dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return ops.rms_norm(x, self.weight[...], eps=self.eps, unit_offset=True,
-                            backend=self.backend)
+        scale = 1.0 + self.weight[...].astype(jnp.float32)
+        return (rms_normalize(x, self.eps) * scale).astype(x.dtype)
 
 
 class GatedRMSNorm(nnx.Module):
-    """Norm-then-gate of the Gated DeltaNet output: ``weight * norm(x) * silu(gate)``, the norm
-    rounded to ``x``'s dtype before the gate, as HF."""
+    """Norm-then-gate of the Gated DeltaNet output: ``weight * norm(x) * silu(gate)``."""
 
-    def __init__(self, dim: int, *, eps: float, param_dtype: Dtype, backend: str = "auto"):
+    def __init__(self, dim: int, *, eps: float, param_dtype: Dtype):
         self.eps = eps
-        self.backend = backend
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
-        return ops.rms_norm(x, self.weight[...], gate=gate, eps=self.eps, unit_offset=False,
-                            backend=self.backend)
+        normed = rms_normalize(x, self.eps).astype(x.dtype)
+        out = self.weight[...].astype(jnp.float32) * normed * jax.nn.silu(gate.astype(jnp.float32))
+        return out.astype(x.dtype)
 
 
 class SwiGLU(nnx.Module):
