@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     # "selective_inputs" (also every projection's input) is 4.5 ms (1.0%) faster per FLARE step on
     # the H200 but takes 11.25 GiB more at batch 4 (70.4 GiB in all): too close to an 80 GB part's
     # limit (docs/performance.md, "The committed code with each policy"). "selective_norms" keeps
-    # all of those but the SwiGLU activation, about 5.4 GiB less: untimed (docs/performance.md,
+    # all of those but the SwiGLU activation, 5.25 GiB less: untimed (docs/performance.md,
     # "Remat that keeps the norm outputs").
     c.model.remat = "selective"
     # Unrolled layers: 8.5% faster steps on the H200 (302.7 vs 330.9 ms, FLARE batch 2) and 7 GiB
