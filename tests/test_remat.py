@@ -95,19 +95,20 @@ def test_input_policies_keep_what_the_matmuls_read(capsys):
     stream ``[1, L, value dim]`` that the output projection reads and the RMSNorm outputs
     ``[1, 2L, hidden]``; "selective_norms" keeps the same but the SwiGLU activation; "selective"
     keeps none of them (it recomputes them in the backward pass)."""
-    saved = {r: _linear_layer_residuals(r, capsys) for r in
-             ("selective", "selective_norms", "selective_inputs")}
-    layer_state = saved["selective"][1]
+    results = {r: _linear_layer_residuals(r, capsys) for r in
+               ("selective", "selective_norms", "selective_inputs")}
+    saved = {r: out for r, (out, _) in results.items()}
+    layer_state = results["selective"][1]
     value_dim = layer_state["linear_attn"]["out_proj"]["kernel"][...].shape[0]
     activation = f"[1,{2 * LENGTH},{SMALL['intermediate_size']}] named 'mlp_activation'"
     gated = f"[1,{LENGTH},{value_dim}] named 'projection_input'"
     normed = f"[1,{2 * LENGTH},{SMALL['hidden_size']}] named 'projection_input'"
     for remat in ("selective_norms", "selective_inputs"):
-        assert gated in saved[remat][0] and normed in saved[remat][0], remat
-    assert activation in saved["selective_inputs"][0]
-    assert "mlp_activation" not in saved["selective_norms"][0]
-    assert "projection_input" not in saved["selective"][0]
-    assert "mlp_activation" not in saved["selective"][0]
+        assert gated in saved[remat] and normed in saved[remat], remat
+    assert activation in saved["selective_inputs"]
+    assert "mlp_activation" not in saved["selective_norms"]
+    assert "projection_input" not in saved["selective"]
+    assert "mlp_activation" not in saved["selective"]
 
 
 @pytest.mark.parametrize("remat", ["full", "selective", "selective_norms", "selective_inputs"])
