@@ -12,10 +12,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Keeps matmul and kernel outputs: 10% faster steps than "full" on the H200, about 16 GiB of
     # saved activations per 4096-token row (docs/performance.md, "Selective remat").
     # "selective_inputs" (also every projection's input) is 4.5 ms (1.0%) faster per FLARE step on
-    # the H200 but takes 11.25 GiB more at batch 4 (70.4 GiB in all): too close to an 80 GB part's
-    # limit (docs/performance.md, "The committed code with each policy"). "selective_norms" keeps
-    # all of those but the SwiGLU activation, 5.25 GiB less: untimed (docs/performance.md,
-    # "Remat that keeps the norm outputs").
+    # the H200 but takes 11.25 GiB more at batch 4 (70.4 GiB in all): out of memory on an 80 GB
+    # H100. "selective_norms" (the norm outputs, not the SwiGLU activation) is no faster on the
+    # H100 (docs/performance.md, "The configured step on the H100").
     c.model.remat = "selective"
     # Unrolled layers: 8.5% faster steps on the H200 (302.7 vs 330.9 ms, FLARE batch 2) and 7 GiB
     # less temp memory; the scanned stack's loop copies its carries (a 13 ms memcpy per step).
@@ -28,9 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the H200, the first losses within 1.1e-4 of fp32 logits' (docs/performance.md, "On the H100;
     # the head's logsumexp kernel and bf16 logits").
     c.train.logits_dtype = "bfloat16"
-    # Micro-batches of 4 rows per device train fastest that fit an 80 GB part: 437.9 ms per FLARE
-    # step (37.1% MFU, 59.2 GiB) on the H200, 483.7 ms (33.6%) on the H100 before the bf16 logits
-    # (5 rows: no faster on the H200, out of memory on the H100); set train.grad_accum so that
-    # global_batch_size / (grad_accum * data devices) is 4 (docs/performance.md, "Batch 4" and, for
-    # these figures, "On the H100; the head's logsumexp kernel and bf16 logits").
+    # Micro-batches of 4 rows per device train fastest that fit an 80 GB part: 469.0 ms per FLARE
+    # step (34.6% MFU, 59.2 GiB) on the H100, 437.9 ms (37.1%) on the H200 (5 rows: no faster on
+    # the H200, out of memory on the H100); set train.grad_accum so that
+    # global_batch_size / (grad_accum * data devices) is 4 (docs/performance.md, "Batch 4" and,
+    # for these figures, "The configured step on the H100").
     return c
