@@ -597,7 +597,7 @@ def _mesh_flag(text: str) -> tuple[int, int, int]:
 # --remat / --variant spellings: the policies, and the earlier on/off words of the recorded
 # commands in docs/performance.md ("remat" was the "full" policy).
 REMAT_SPELLINGS = {"none": "none", "full": "full", "selective": "selective",
-                   "selective_norms": "selective_norms", "selective_inputs": "selective_inputs",
+                   "selective_inputs": "selective_inputs",
                    "remat": "full", "no-remat": "none"}
 _VARIANT_FORM = (f"objective,batch,{'|'.join(REMAT_SPELLINGS)},vocab_chunk|tTOKENS[-bf16]"
                  "[,backend]")

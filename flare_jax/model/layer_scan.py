@@ -13,13 +13,10 @@ Remat (``remat``, one of :data:`REMAT_POLICIES`) recomputes each layer in the ba
 output, every op's output and the kernels' residuals (the names ``layers.PROJECTION``,
 ``ops.OP_OUTPUT``, ``residuals.KERNEL_RESIDUAL``), so the backward pass recomputes only the
 elementwise work (norms, gates, activations, the l2 normalisation) and runs no matmul or kernel
-forward twice; ``"selective_norms"`` also keeps the inputs of the projections that read a
-normalised or gated value (``layers.PROJECTION_INPUT``: the RMSNorm outputs, the gated RMSNorm
-output, the gated attention output); ``"selective_inputs"`` keeps every projection's input, the
-SwiGLU activation (``layers.MLP_ACTIVATION``) too, so the backward pass recomputes nothing a
-matmul reads, only what the elementwise backward needs; ``"none"`` keeps everything autodiff
-saves. The SwiGLU activation is the largest of those inputs (``[T, intermediate]``) and the
-cheapest to recompute: its backward fusion already reads both factors.
+forward twice; ``"selective_inputs"`` also keeps every projection's input
+(``layers.PROJECTION_INPUT``: the norm outputs, the SwiGLU activation, the gated outputs), so
+the backward pass recomputes nothing a matmul reads, only what the elementwise backward needs;
+``"none"`` keeps everything autodiff saves.
 
 Layers may also return auxiliary sums (the MoE router statistics): they are added up over the
 layers, carried through the scan next to the hidden states. With none (``aux=None``, dense models)
@@ -35,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flare_jax.model.layers import MLP_ACTIVATION, PROJECTION, PROJECTION_INPUT
+from flare_jax.model.layers import PROJECTION, PROJECTION_INPUT
 from flare_jax.ops import OP_OUTPUT
 from pallas_kernels.residuals import KERNEL_RESIDUAL
 
@@ -43,14 +40,12 @@ from pallas_kernels.residuals import KERNEL_RESIDUAL
 LayerFn = Callable[[nnx.Module, jax.Array], tuple[jax.Array, Any]]
 
 
-REMAT_POLICIES = ("none", "full", "selective", "selective_norms", "selective_inputs")
+REMAT_POLICIES = ("none", "full", "selective", "selective_inputs")
 _SELECTIVE = (PROJECTION, OP_OUTPUT, KERNEL_RESIDUAL)
 _SAVED = {"full": None,
           "selective": jax.checkpoint_policies.save_only_these_names(*_SELECTIVE),
-          "selective_norms": jax.checkpoint_policies.save_only_these_names(*_SELECTIVE,
-                                                                           PROJECTION_INPUT),
-          "selective_inputs": jax.checkpoint_policies.save_only_these_names(
-              *_SELECTIVE, PROJECTION_INPUT, MLP_ACTIVATION)}
+          "selective_inputs": jax.checkpoint_policies.save_only_these_names(*_SELECTIVE,
+                                                                            PROJECTION_INPUT)}
 
 
 def check_remat(remat: str) -> None:

@@ -12,7 +12,6 @@ from jax.ad_checkpoint import checkpoint_name
 Dtype = jnp.dtype | type
 PROJECTION = "projection"  # the name of every dense projection's output (remat policies)
 PROJECTION_INPUT = "projection_input"  # ... and of its input, in the compute dtype
-MLP_ACTIVATION = "mlp_activation"  # the SwiGLU product, the down projection's input (not PROJECTION_INPUT)
 
 
 def matmul_precision(dtype: Dtype) -> jax.lax.Precision:
@@ -53,18 +52,17 @@ project.defvjp(_project_fwd, _project_bwd)
 
 class Dense(nnx.Module):
     """``y = x @ kernel`` with ``kernel [in, out]``; compute in ``dtype``, accumulate in fp32
-    (forward and backward, :func:`project`); ``x`` is named ``input_name`` (default
-    :data:`PROJECTION_INPUT`) and ``y`` :data:`PROJECTION` (what the remat policies keep)."""
+    (forward and backward, :func:`project`); ``x`` is named :data:`PROJECTION_INPUT` and ``y``
+    :data:`PROJECTION` (what the remat policies keep)."""
 
     def __init__(self, in_features: int, out_features: int, *, dtype: Dtype, param_dtype: Dtype,
-                 rngs: nnx.Rngs, init_scale: float = 0.02, input_name: str = PROJECTION_INPUT):
+                 rngs: nnx.Rngs, init_scale: float = 0.02):
         self.dtype = dtype
-        self.input_name = input_name
         self.kernel = nnx.Param(
             init_scale * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = checkpoint_name(x.astype(self.dtype), self.input_name)
+        x = checkpoint_name(x.astype(self.dtype), PROJECTION_INPUT)
         y = project(x, self.kernel[...].astype(self.dtype), matmul_precision(self.dtype))
         return checkpoint_name(y, PROJECTION)
 
@@ -108,7 +106,7 @@ class SwiGLU(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = Dense(hidden, intermediate, **kw)
         self.up_proj = Dense(hidden, intermediate, **kw)
-        self.down_proj = Dense(intermediate, hidden, input_name=MLP_ACTIVATION, **kw)
+        self.down_proj = Dense(intermediate, hidden, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

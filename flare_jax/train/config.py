@@ -47,8 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.backend = "auto"
     # what each decoder layer keeps for the backward pass: "none" (all activations), "full"
     # (its input; everything recomputed), "selective" (also matmul, op and kernel outputs;
-    # only elementwise work recomputed), "selective_norms" (also the norm and gate outputs that
-    # projections read), "selective_inputs" (also the SwiGLU activation): flare_jax.model.layer_scan
+    # only elementwise work recomputed), "selective_inputs" (also every projection's input):
+    # flare_jax.model.layer_scan
     c.model.remat = "none"
     c.model.scan_layers = True  # run repeated layer groups in one lax.scan: the compiled program
     # holds one group instead of every layer (same numbers; stacks that do not repeat run unrolled)
