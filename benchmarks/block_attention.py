@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.block_attention import cudnn_causal, flare, gpu
+from pallas_kernels.block_attention import gpu
 from pallas_kernels.block_attention.api import block_attention
 from pallas_kernels.block_attention.mask import EMPTY_SEGMENT, TokenLayout, dense_mask
 
@@ -31,17 +31,6 @@ def flare_layout(length: int, block_size: int, batch: int) -> TokenLayout:
     zeros = jnp.zeros_like(pos)
     clean = TokenLayout(zeros, pos, pos // block_size, zeros)
     return clean.concat(TokenLayout(zeros, pos, pos // block_size, zeros + 1))
-
-
-def stream_layouts(segment_lengths: list[int], block_size: int, batch: int
-                   ) -> tuple[TokenLayout, TokenLayout]:
-    """Clean and noisy layouts of rows packing documents of ``segment_lengths`` tokens."""
-    seg = np.repeat(np.arange(len(segment_lengths)), segment_lengths)
-    pos = np.concatenate([np.arange(n) for n in segment_lengths])
-    seg, pos = (jnp.asarray(np.broadcast_to(a, (batch, a.size)), jnp.int32) for a in (seg, pos))
-    blk = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32) // block_size, seg.shape)
-    zeros = jnp.zeros_like(seg)
-    return TokenLayout(seg, pos, blk, zeros), TokenLayout(seg, pos, blk, zeros + 1)
 
 
 def causal_layout(length: int, batch: int) -> TokenLayout:
@@ -186,79 +175,6 @@ def check(args) -> None:
                   + ", ".join(f"{e:.2e}" for e in errs), flush=True)
 
 
-def split_attention(max_documents: int | None, q, k, v, clean, noisy):
-    """The FLARE row split by query stream, the clean queries through cuDNN with room for
-    ``max_documents`` documents per row (None: one call of our kernel over the row)."""
-    if max_documents is None:
-        return flare.flare_attention(q, k, v, clean, noisy, backend="gpu")
-    clean_attention = functools.partial(flare.clean_causal, ragged=cudnn_causal.causal_attention,
-                                        max_documents=max_documents)
-    return flare.split_by_stream(q, k, v, clean, noisy, clean_attention=clean_attention,
-                                 backend="gpu")
-
-
-def kernel_split(q, k, v, clean, noisy):
-    """The split with our kernel for the clean queries too (the split's own cost)."""
-    def clean_attention(q, k, v, layout):
-        return block_attention(q, k, v, layout, layout, backend="gpu")
-
-    return flare.split_by_stream(q, k, v, clean, noisy, clean_attention=clean_attention,
-                                 backend="gpu")
-
-
-def check_split(args) -> None:
-    """The split (cuDNN for the clean queries, with room for the five documents and without)
-    and the one call, bf16, against the fp32 reference on rows packing five documents."""
-    clean, noisy = stream_layouts([173, 60, 1, 66, 12], args.block_size, 2)
-    packed = clean.concat(noisy)
-    keys = jax.random.split(jax.random.PRNGKey(7), 4)
-    q = jax.random.normal(keys[0], (2, 624, args.heads, args.head_dim), jnp.bfloat16)
-    d_out = jax.random.normal(keys[1], q.shape, jnp.float32)
-    k, v = (jax.random.normal(kk, (2, 624, args.kv_heads, args.head_dim), jnp.bfloat16)
-            for kk in keys[2:])
-    with jax.default_matmul_precision("highest"):
-        f32 = [a.astype(jnp.float32) for a in (q, k, v)]
-        want = (jax.jit(reference)(*f32, packed, packed),
-                *jax.jit(with_grad(reference))(*f32, d_out, packed, packed))
-    for name, m in (("split, room for 8", 8), ("split, room for 4 (falls back)", 4),
-                    ("one call", None)):
-        fn = functools.partial(split_attention, m)
-        got = (jax.jit(fn)(q, k, v, clean, noisy),
-               *jax.jit(with_grad(fn))(q, k, v, d_out, clean, noisy))
-        errs = [np.abs(np.asarray(a, np.float32) - np.asarray(b)).max()
-                / np.abs(np.asarray(b)).max() for a, b in zip(got, want, strict=True)]
-        print(f"check {name}: max |err| / max |ref| for out, dq, dk, dv = "
-              + ", ".join(f"{e:.2e}" for e in errs), flush=True)
-
-
-def bench_split(length: int, args) -> None:
-    """The FLARE row as one block-attention call against the split by query stream (clean
-    queries through cuDNN), on one-document rows and on rows of five documents; first
-    :func:`check_split`."""
-    check_split(args)
-    shape_q = (args.batch, 2 * length, args.heads, args.head_dim)
-    shape_kv = (args.batch, 2 * length, args.kv_heads, args.head_dim)
-    keys = jax.random.split(jax.random.PRNGKey(length), 4)
-    q, d_out = (jax.random.normal(kk, shape_q, jnp.bfloat16) for kk in keys[:2])
-    k, v = (jax.random.normal(kk, shape_kv, jnp.bfloat16) for kk in keys[2:])
-    rows = {"1 document": [length], "5 documents": [1500, 1000, 700, 600, length - 3800]}
-    print(f"split by stream at B={args.batch}, L={length} (2L={2 * length} tokens)")
-    for rows_name, lengths in rows.items():
-        clean, noisy = stream_layouts(lengths, args.block_size, args.batch)
-        res: dict = {}
-        cases = {"one call": functools.partial(split_attention, None),
-                 "split, kernel for both": kernel_split,
-                 **{f"split, cuDNN room {m}": functools.partial(split_attention, m)
-                    for m in (2, 16)}}
-        for name, fn in cases.items():
-            measure(f"{rows_name}, {name} fwd+bwd", with_grad(fn),
-                    (q, k, v, d_out, clean, noisy), args.iters, res)
-        base = res[f"{rows_name}, one call fwd+bwd"]
-        for name, ms in res.items():
-            if ms is not None and base is not None:
-                print(f"  {name} / one call = {ms / base:.3f}")
-
-
 def bench_denoise(args) -> None:
     """A 32-token noisy block against a long cache: our kernel vs XLA with the mask materialised."""
     for cache_len in (8192, 32768):
@@ -315,7 +231,7 @@ def sweep_tiles(length: int, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="*", default=[4096, 8192, 32768])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 32768])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
@@ -327,13 +243,9 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="compiled vs reference first")
     parser.add_argument("--decode", action="store_true", help="also time the denoise shape")
     parser.add_argument("--sweep", type=int, default=0, help="L of a tile-shape sweep (0: none)")
-    parser.add_argument("--split", type=int, default=0,
-                        help="L at which to time the split by query stream (0: none)")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; H={args.heads} "
           f"Hkv={args.kv_heads} D={args.head_dim} block={args.block_size}", flush=True)
-    if args.split:
-        bench_split(args.split, args)
     if args.check:
         check(args)
     report({length: bench_length(length, args) for length in args.lengths})

@@ -21,7 +21,6 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.block_attention import api as attention_api
-from pallas_kernels.block_attention import flare as flare_attention_api
 from pallas_kernels.block_attention.mask import TokenLayout
 from pallas_kernels.causal_conv import api as causal_conv_api
 from pallas_kernels.causal_conv.reference import HeadNorm
@@ -72,26 +71,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
     def run(q, k, v, q_layout, kv_layout):
         return attention_api.block_attention(q, k, v, q_layout, kv_layout, backend=backend)
 
-    return _per_shard(run, q.shape[0], (q.shape[2], k.shape[2]), _attention_specs)(
+    def specs(b, h):
+        heads, rows = P(b, None, h, None), P(b, None)
+        return (heads, heads, heads, rows, rows), heads
+
+    return _per_shard(run, q.shape[0], (q.shape[2], k.shape[2]), specs)(
         q, k, v, q_layout, kv_layout)
-
-
-def flare_attention(q: jax.Array, k: jax.Array, v: jax.Array, clean: TokenLayout,
-                    noisy: TokenLayout, *, backend: str = "auto") -> jax.Array:
-    """Attention of FLARE training rows ``[clean ; noisy]`` (q, k, v ``[B, 2L, H, D]``) under the
-    two streams' layouts; on Hopper split by query stream, the clean queries through cuDNN
-    (:mod:`pallas_kernels.block_attention.flare`)."""
-    def run(q, k, v, clean, noisy):
-        return flare_attention_api.flare_attention(q, k, v, clean, noisy, backend=backend)
-
-    return _per_shard(run, q.shape[0], (q.shape[2], k.shape[2]), _attention_specs)(
-        q, k, v, clean, noisy)
-
-
-def _attention_specs(b, h) -> tuple[tuple, P]:
-    """Specs of ``(q, k, v [B, T, H, D], two layouts [B, T])`` and of the output."""
-    heads, rows = P(b, None, h, None), P(b, None)
-    return (heads, heads, heads, rows, rows), heads
 
 
 def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,

@@ -8,7 +8,6 @@ from flax import nnx
 
 from flare_jax import ops
 from flare_jax.config import ModelConfig
-from flare_jax.layout import FlareLayout
 from flare_jax.model.cache import AttentionCache, write_rows
 from flare_jax.model.layers import Dense, Dtype, RMSNorm
 from flare_jax.model.rope import apply_rope, rope_angles
@@ -42,7 +41,15 @@ class GatedAttention(nnx.Module):
         - cache without ``write_start`` (read-only, denoising): keys are the cache followed by
           ``x``'s own keys (``kv_layout`` describes that concatenation); the cache is unchanged.
         """
-        q, k, v, gate = self._project(x, q_layout.positions)
+        c = self.config
+        batch, length, _ = x.shape
+        qg = self.q_proj(x).reshape(batch, length, c.num_attention_heads, 2 * c.head_dim)
+        q, gate = qg[..., :c.head_dim], qg[..., c.head_dim:]
+        k = self.k_proj(x).reshape(batch, length, c.num_key_value_heads, c.head_dim)
+        v = self.v_proj(x).reshape(batch, length, c.num_key_value_heads, c.head_dim)
+        cos, sin = rope_angles(q_layout.positions, c.rotary_dim, c.rope_theta)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
         new_cache = cache
         if cache is None:
             keys, values = k, v
@@ -55,30 +62,6 @@ class GatedAttention(nnx.Module):
             values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
         o = ops.attention(q, keys.astype(q.dtype), values.astype(q.dtype), q_layout, kv_layout,
                           backend=self.backend)
-        return self._output(o, gate), new_cache
-
-    def flare(self, x: jax.Array, layout: FlareLayout) -> jax.Array:
-        """FLARE training rows: ``x [B, 2L, hidden]`` is the clean stream then the noisy stream,
-        attending under ``layout``'s visibility rule (no cache)."""
-        q, k, v, gate = self._project(x, layout.packed().positions)
-        o = ops.flare_attention(q, k, v, layout.clean, layout.noisy, backend=self.backend)
-        return self._output(o, gate)
-
-    def _project(self, x: jax.Array, positions: jax.Array
-                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """Per-head ``q, k, v`` (normed, rotated at ``positions``) and the output gate."""
-        c = self.config
-        batch, length, _ = x.shape
-        qg = self.q_proj(x).reshape(batch, length, c.num_attention_heads, 2 * c.head_dim)
-        q, gate = qg[..., :c.head_dim], qg[..., c.head_dim:]
-        k = self.k_proj(x).reshape(batch, length, c.num_key_value_heads, c.head_dim)
-        v = self.v_proj(x).reshape(batch, length, c.num_key_value_heads, c.head_dim)
-        cos, sin = rope_angles(positions, c.rotary_dim, c.rope_theta)
-        return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin), v, gate
-
-    def _output(self, o: jax.Array, gate: jax.Array) -> jax.Array:
-        """``o_proj(o * sigmoid(gate))`` of the attention output ``o [B, T, H, D]``."""
-        batch, length = o.shape[:2]
         o = o.reshape(batch, length, -1) * jax.nn.sigmoid(gate.reshape(batch, length, -1).astype(
             jnp.float32)).astype(o.dtype)
-        return self.o_proj(o)
+        return self.o_proj(o), new_cache

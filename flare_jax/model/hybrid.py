@@ -84,7 +84,8 @@ class DecoderLayer(nnx.Module):
         (``token_mask [B, 2L]`` likewise). Returns the new hidden states and router statistics."""
         x = self.input_layernorm(h)
         if self.layer_type == FULL:
-            mixed = self.self_attn.flare(x, layout)
+            packed = layout.packed()
+            mixed, _ = self.self_attn(x, packed, packed)
         else:
             x_clean, x_noisy = jnp.split(x, 2, axis=1)
             out_clean, out_noisy = self.linear_attn.flare(
