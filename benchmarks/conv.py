@@ -9,7 +9,8 @@ ours and autodiff.
 ``--sweep`` also times our kernels alone at each ``gpu.ConvTiling`` of ``SWEEP``; with
 ``--norm`` they run as the Gated DeltaNet calls them (the first two thirds of the channels
 l2-normalised in heads of 128, the output written as three parts) at the tilings of
-``NORM_SWEEP`` (a tile is one head).
+``NORM_SWEEP`` (a tile is one head). Last, both FLARE streams as one op against two calls
+(``bench_pair``).
 
     python benchmarks/conv.py [--batch 4] [--tokens 4096] [--channels 6144] [--sweep] [--norm]
                               [--json F]
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from gated_delta import timeit
 
 from pallas_kernels.causal_conv import causal_conv_silu, gpu, reference
+from pallas_kernels.causal_conv.api import causal_conv_silu_pair
 
 KERNEL = 4
 
@@ -97,6 +99,46 @@ def bench(batch: int, tokens: int, channels: int, block_size: int, sweep: bool, 
                 tiling=tiling))
             row[f"{name}_fwd_kernel"] = timeit(fwd, x, handoff, weight, segment_ids)
             row[f"{name}_bwd_kernels"] = timeit(bwd, x, handoff, weight, segment_ids, x)
+    row.update(bench_pair(x, clean, weight, segment_ids, block_size, heads, split_at))
+    return row
+
+
+def bench_pair(noisy: jax.Array, clean: jax.Array, weight: jax.Array, segment_ids: jax.Array,
+               block_size: int, norm: reference.HeadNorm | None, split_at: tuple[int, ...]) -> dict:
+    """Both FLARE streams' convs, forward + backward: as one op (``causal_conv_silu_pair``, the
+    clean stream's gradient summed in its kernel) against our two calls (the two gradients added
+    by XLA) and autodiff of the reference; ms and the largest gradient difference to autodiff."""
+    kw = dict(norm=norm, split_at=split_at or None)
+
+    def joined(out):
+        return jnp.concatenate(out, axis=-1) if isinstance(out, tuple) else out
+
+    def streams(backend, as_pair):
+        def fn(c, x):
+            if as_pair:
+                outs = causal_conv_silu_pair(c, x, weight, segment_ids, block_size=block_size,
+                                             backend=backend, **kw)
+            else:
+                outs = (causal_conv_silu(c, weight, segment_ids, backend=backend, **kw),
+                        causal_conv_silu(x, weight, segment_ids, clean=c, block_size=block_size,
+                                         backend=backend, **kw))
+            return jnp.concatenate([joined(out) for out in outs], axis=1)
+        return fn
+
+    row = {}
+    peers = [("pair", streams("gpu", True)), ("two_calls", streams("gpu", False)),
+             ("autodiff", streams("reference", False))]
+    grads = {}
+    for name, fn in peers:
+        row[f"pair_{name}_fwd_bwd"] = timeit(gradients(fn), clean, noisy)
+        grads[name] = gradients(fn)(clean, noisy)
+    for name in ("pair", "two_calls"):
+        row[f"pair_{name}_max_rel_grad_diff"] = max(
+            float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                  / jnp.max(jnp.abs(b.astype(jnp.float32))))
+            for a, b in zip(grads[name], grads["autodiff"], strict=True))
+    row["pair_two_calls_over_pair_fwd_bwd"] = (row["pair_two_calls_fwd_bwd"]
+                                               / row["pair_pair_fwd_bwd"])
     return row
 
 

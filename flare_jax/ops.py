@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,31 +91,82 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
     ``channels`` (q and k) come out l2-normalised. ``split_at``: the output as the parts of its
     channels that start there (q, k, v), written apart by the kernels unless the channels are
     split over devices (then split after)."""
-    channel_ids = jnp.arange(x.shape[2], dtype=jnp.int32)
-    heads = x.shape[2] if l2_heads is None else x.shape[2] // l2_heads[0]  # shards hold whole heads
-    mesh = jax.sharding.get_abstract_mesh()
-    sharded = not mesh.empty and _split_axes(HEAD_AXES, heads, mesh) is not None
-    kernel_split = None if sharded else split_at
+    conv = _ConvShards.of(x, l2_heads, split_at)
 
     def run(x, weight, segment_ids, context, clean, channel_ids):
-        norm = None
-        if l2_heads is not None:  # the shard's first channel decides which of its heads
-            norm = HeadNorm(l2_heads[0], l2_heads[1] - channel_ids[0])
-        return causal_conv_api.causal_conv_silu(x, weight, segment_ids, context=context,
-                                                clean=clean, block_size=block_size, norm=norm,
-                                                split_at=kernel_split, backend=backend)
+        return causal_conv_api.causal_conv_silu(
+            x, weight, segment_ids, context=context, clean=clean, block_size=block_size,
+            norm=conv.norm(channel_ids), split_at=conv.kernel_split, backend=backend)
 
     def specs(b, h):
         stream = P(b, None, h)
-        outs = stream if kernel_split is None else (stream,) * (len(kernel_split) + 1)
         return ((stream, P(None, h), P(b, None), None if context is None else stream,
-                 None if clean is None else stream, P(h)), outs)
+                 None if clean is None else stream, P(h)), conv.out_spec(stream))
 
-    out = _per_shard(run, x.shape[0], (heads,), specs)(x, weight, segment_ids, context, clean,
-                                                      channel_ids)
-    if split_at is not None and kernel_split is None:
-        return tuple(jnp.split(out, split_at, axis=-1))
-    return out
+    out = _per_shard(run, x.shape[0], (conv.heads,), specs)(x, weight, segment_ids, context,
+                                                           clean, conv.channel_ids)
+    return conv.split(out)
+
+
+def causal_conv_silu_pair(clean: jax.Array, noisy: jax.Array, weight: jax.Array,
+                          segment_ids: jax.Array, *, block_size: int,
+                          l2_heads: tuple[int, int] | None = None,
+                          split_at: tuple[int, ...] | None = None, backend: str = "auto"
+                          ) -> tuple[jax.Array | tuple[jax.Array, ...], ...]:
+    """Both FLARE streams' convs, ``(causal_conv_silu(clean, ...), causal_conv_silu(noisy, ...,
+    clean=clean, block_size=block_size))``, as one op: the GPU kernels then sum the clean
+    stream's gradient from both in one pass (``causal_conv_api.causal_conv_silu_pair``)."""
+    conv = _ConvShards.of(clean, l2_heads, split_at)
+
+    def run(clean, noisy, weight, segment_ids, channel_ids):
+        return causal_conv_api.causal_conv_silu_pair(
+            clean, noisy, weight, segment_ids, block_size=block_size,
+            norm=conv.norm(channel_ids), split_at=conv.kernel_split, backend=backend)
+
+    def specs(b, h):
+        stream = P(b, None, h)
+        out = conv.out_spec(stream)
+        return (stream, stream, P(None, h), P(b, None), P(h)), (out, out)
+
+    outs = _per_shard(run, clean.shape[0], (conv.heads,), specs)(
+        clean, noisy, weight, segment_ids, conv.channel_ids)
+    return tuple(conv.split(out) for out in outs)
+
+
+class _ConvShards(NamedTuple):
+    """How the conv's channels split over devices: whole heads per shard (``heads`` counted as
+    the l2-normalised heads' width, or single channels), the output parts written by the
+    kernels (``kernel_split``, None when the channels are split over devices) or after."""
+
+    channel_ids: jax.Array
+    heads: int
+    l2_heads: tuple[int, int] | None
+    split_at: tuple[int, ...] | None
+    kernel_split: tuple[int, ...] | None
+
+    @classmethod
+    def of(cls, x: jax.Array, l2_heads: tuple[int, int] | None,
+           split_at: tuple[int, ...] | None) -> _ConvShards:
+        channels = x.shape[2]
+        heads = channels if l2_heads is None else channels // l2_heads[0]
+        mesh = jax.sharding.get_abstract_mesh()
+        sharded = not mesh.empty and _split_axes(HEAD_AXES, heads, mesh) is not None
+        return cls(jnp.arange(channels, dtype=jnp.int32), heads, l2_heads, split_at,
+                   None if sharded else split_at)
+
+    def norm(self, channel_ids: jax.Array) -> HeadNorm | None:
+        """The shard's normalisation: its first channel decides which of its heads."""
+        if self.l2_heads is None:
+            return None
+        return HeadNorm(self.l2_heads[0], self.l2_heads[1] - channel_ids[0])
+
+    def out_spec(self, stream: P) -> P | tuple[P, ...]:
+        return stream if self.kernel_split is None else (stream,) * (len(self.kernel_split) + 1)
+
+    def split(self, out):
+        if self.split_at is not None and self.kernel_split is None:
+            return tuple(jnp.split(out, self.split_at, axis=-1))
+        return out
 
 
 MAX_CHUNK = 32

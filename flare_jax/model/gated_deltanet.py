@@ -39,14 +39,18 @@ class GatedDeltaNet(nnx.Module):
         self.norm = GatedRMSNorm(c.linear_value_head_dim, eps=c.rms_norm_eps, param_dtype=param_dtype)
         self.out_proj = Dense(c.linear_value_dim, c.hidden_size, **kw)
 
-    def _conv(self, mixed: jax.Array, segment_ids: jax.Array, **kwargs) -> tuple[jax.Array, ...]:
-        """``(q, k, v)``: conv + SiLU of the q, k, v channels, q and k l2-normalised per head
-        (fp32)."""
+    def _conv_layout(self) -> dict:
+        """How the conv treats the q, k, v channels: q and k l2-normalised per head (fp32), the
+        output as the three parts."""
         c = self.config
-        return ops.causal_conv_silu(mixed, self.conv_weight[...], segment_ids,
-                                    l2_heads=(c.linear_key_head_dim, 2 * c.linear_key_dim),
-                                    split_at=(c.linear_key_dim, 2 * c.linear_key_dim),
-                                    backend=self.backend, **kwargs)
+        return dict(l2_heads=(c.linear_key_head_dim, 2 * c.linear_key_dim),
+                    split_at=(c.linear_key_dim, 2 * c.linear_key_dim), backend=self.backend)
+
+    def _conv(self, mixed: jax.Array, segment_ids: jax.Array,
+              context: jax.Array | None) -> tuple[jax.Array, ...]:
+        """``(q, k, v)``: conv + SiLU of the q, k, v channels (:meth:`_conv_layout`)."""
+        return ops.causal_conv_silu(mixed, self.conv_weight[...], segment_ids, context=context,
+                                    **self._conv_layout())
 
     def _inputs(self, x: jax.Array, qkv: tuple[jax.Array, ...]) -> GatedDeltaInputs:
         c = self.config
@@ -83,7 +87,7 @@ class GatedDeltaNet(nnx.Module):
             keep = continues[:, None, None]
             context = jnp.where(keep, cache.conv, jnp.zeros_like(cache.conv))
             initial_state = jnp.where(keep[..., None], cache.state, jnp.zeros_like(cache.state))
-        inputs = self._inputs(x, self._conv(mixed, segment_ids, context=context))
+        inputs = self._inputs(x, self._conv(mixed, segment_ids, context))
         o, state = ops.gated_delta(inputs, segment_ids=segment_ids, initial_state=initial_state,
                                    backend=self.backend)
         window = conv_window(mixed, segment_ids, context, self.config.linear_conv_kernel_dim)
@@ -115,8 +119,9 @@ class GatedDeltaNet(nnx.Module):
         stream's conv window and recurrent state at that block's boundary."""
         mixed_clean = self.in_proj_qkv(x_clean)
         mixed_noisy = self.in_proj_qkv(x_noisy)
-        conv_clean = self._conv(mixed_clean, segment_ids)
-        conv_noisy = self._conv(mixed_noisy, segment_ids, clean=mixed_clean, block_size=block_size)
+        conv_clean, conv_noisy = ops.causal_conv_silu_pair(
+            mixed_clean, mixed_noisy, self.conv_weight[...], segment_ids, block_size=block_size,
+            **self._conv_layout())
         o_clean, o_noisy = ops.gated_delta_handoff(
             self._inputs(x_clean, conv_clean), self._inputs(x_noisy, conv_noisy),
             segment_ids=segment_ids, block_size=block_size, backend=self.backend)

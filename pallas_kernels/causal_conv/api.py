@@ -54,6 +54,33 @@ def _bwd(static, residuals, d_out):
 _gpu_conv.defvjp(_fwd, _bwd)
 
 
+def _gpu_pair_forward(clean, noisy, weight, segment_ids, norm_end, static):
+    return (_gpu_forward(clean, None, None, weight, segment_ids, norm_end,
+                         static._replace(block_size=None)),
+            _gpu_forward(noisy, None, clean, weight, segment_ids, norm_end, static))
+
+
+_gpu_conv_pair = jax.custom_vjp(_gpu_pair_forward, nondiff_argnums=(5,))
+
+
+def _pair_fwd(clean, noisy, weight, segment_ids, norm_end, static):
+    out = _gpu_pair_forward(clean, noisy, weight, segment_ids, norm_end, static)
+    return out, (clean, noisy, weight, segment_ids, norm_end)
+
+
+def _pair_bwd(static, residuals, d_out):
+    clean, noisy, weight, segment_ids, norm_end = residuals
+    d_clean, d_noisy, d_weight = gpu.conv_silu_bwd_pair(
+        clean, noisy, weight, segment_ids, static.block_size, list(d_out[0]), list(d_out[1]),
+        static.norm(norm_end), static.split_at, interpret=static.interpret)
+    d_end = None if norm_end is None else np.zeros(np.shape(norm_end), jax.dtypes.float0)
+    return (d_clean, d_noisy, d_weight.astype(weight.dtype),
+            np.zeros(segment_ids.shape, jax.dtypes.float0), d_end)
+
+
+_gpu_conv_pair.defvjp(_pair_fwd, _pair_bwd)
+
+
 def pad_inputs(x: jax.Array, segment_ids: jax.Array, kernel: int, *,
                context: jax.Array | None = None, clean: jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
@@ -96,17 +123,49 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
     """
     if clean is None:
         block_size = None
-    elif not block_size or block_size < 1:
-        raise ValueError(f"causal_conv_silu: a clean stream (FLARE handoff) needs a positive "
-                         f"block_size, got {block_size!r}")
+    else:
+        _check_block_size(block_size)
     backend = resolve_backend(backend)
     if backend in ("gpu", "gpu_interpret"):
         end = None if norm is None else jnp.asarray(norm.end, jnp.int32)
-        static = _Static(block_size, None if norm is None else norm.head_dim,
-                         tuple(split_at or ()), backend == "gpu_interpret")
-        parts = _gpu_conv(x, context, clean, weight, segment_ids, end, static)
+        parts = _gpu_conv(x, context, clean, weight, segment_ids, end,
+                          _gpu_static(block_size, norm, split_at, backend))
         return parts if split_at is not None else parts[0]
     padded_x, padded_clean, padded_seg = pad_inputs(x, segment_ids, weight.shape[0],
                                                     context=context, clean=clean)
     out = reference.conv_silu(padded_x, padded_clean, weight, padded_seg, block_size, norm)
     return out if split_at is None else tuple(jnp.split(out, split_at, axis=-1))
+
+
+def causal_conv_silu_pair(clean: jax.Array, noisy: jax.Array, weight: jax.Array,
+                          segment_ids: jax.Array, *, block_size: int,
+                          norm: reference.HeadNorm | None = None,
+                          split_at: tuple[int, ...] | None = None, backend: str = "auto"
+                          ) -> tuple[jax.Array | tuple[jax.Array, ...], ...]:
+    """Both FLARE streams' convs: ``(causal_conv_silu(clean, ...), causal_conv_silu(noisy, ...,
+    clean=clean, block_size=block_size))`` (arguments as :func:`causal_conv_silu` takes them; no
+    context rows). On the GPU backends one custom VJP: the clean stream's gradient from both
+    calls is summed inside its input-gradient kernel, not formed twice and added."""
+    _check_block_size(block_size)
+    backend = resolve_backend(backend)
+    if backend not in ("gpu", "gpu_interpret"):
+        kw = dict(norm=norm, split_at=split_at, backend=backend)
+        return (causal_conv_silu(clean, weight, segment_ids, **kw),
+                causal_conv_silu(noisy, weight, segment_ids, clean=clean, block_size=block_size,
+                                 **kw))
+    end = None if norm is None else jnp.asarray(norm.end, jnp.int32)
+    outs = _gpu_conv_pair(clean, noisy, weight, segment_ids, end,
+                          _gpu_static(block_size, norm, split_at, backend))
+    return outs if split_at is not None else (outs[0][0], outs[1][0])
+
+
+def _check_block_size(block_size: int | None) -> None:
+    if not block_size or block_size < 1:
+        raise ValueError(f"causal_conv_silu: a clean stream (FLARE handoff) needs a positive "
+                         f"block_size, got {block_size!r}")
+
+
+def _gpu_static(block_size: int | None, norm: reference.HeadNorm | None,
+                split_at: tuple[int, ...] | None, backend: str) -> _Static:
+    return _Static(block_size, None if norm is None else norm.head_dim, tuple(split_at or ()),
+                   backend == "gpu_interpret")

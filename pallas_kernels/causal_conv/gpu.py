@@ -251,9 +251,15 @@ def _d_pre_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref,
         dw_ref[program.pad - back, :] = jnp.sum(total, axis=0)
 
 
-def _input_grads_kernel(seg_ref, w_ref, dpre_ref, dx_ref, dclean_ref=None, *, length: int,
-                        **shape: int | None):
-    """Gradients of the tile's inputs ``q``: tap ``j`` of output ``q + j`` read them."""
+def _input_grads_kernel(seg_ref, w_ref, dpre_ref, noisy_dpre_ref, dx_ref, dclean_ref=None, *,
+                        length: int, handoff_block: int | None = None, **shape: int | None):
+    """Gradients of the tile's inputs ``q``: tap ``j`` of output ``q + j`` read them.
+
+    In the FLARE handoff (the launch's ``block_size``) taps that cross their output's block start
+    read the clean stream: their share goes to ``dclean_ref``, or nowhere when it is None (the
+    clean stream's own kernel takes it). ``noisy_dpre_ref`` (the clean stream of a FLARE pair, with
+    ``handoff_block``): the noisy stream's ``d_pre``, whose outputs ``q + j`` read ``q`` across their
+    block start; only those rows are loaded."""
 
     def step(tile: _Tile, carry: tuple) -> tuple:
         own = tile.segs(tile.pad)
@@ -262,12 +268,19 @@ def _input_grads_kernel(seg_ref, w_ref, dpre_ref, dx_ref, dclean_ref=None, *, le
         for back in range(tile.pad + 1):
             readers = inputs + back
             valid = ((readers < length) & (tile.segs(tile.pad + back) == own))[:, None]
-            grad = jnp.where(valid, tile.rows(dpre_ref, back) * tile.weight[tile.pad - back], 0.0)
-            crosses = tile.crosses_block(readers, back) if dclean_ref is not None else None
+            weight = tile.weight[tile.pad - back]
+            grad = jnp.where(valid, tile.rows(dpre_ref, back) * weight, 0.0)
+            crosses = tile.crosses_block(readers, back)
             if crosses is not None:
-                d_clean = d_clean + jnp.where(crosses, grad, 0.0)
+                if dclean_ref is not None:
+                    d_clean = d_clean + jnp.where(crosses, grad, 0.0)
                 grad = jnp.where(crosses, 0.0, grad)
             d_x = d_x + grad
+            if noisy_dpre_ref is not None and back > 0:
+                reads_clean = valid & (readers % handoff_block < back)[:, None]
+                rows = noisy_dpre_ref.at[tile.b, pl.ds(tile.t0 + back, tile.block_t), tile.cs]
+                mask = jnp.broadcast_to(reads_clean, (tile.block_t, tile.block_c))
+                d_x = d_x + plgpu.load(rows, mask=mask, other=0.0) * weight
         tile.store(dx_ref, d_x)
         if dclean_ref is not None:
             tile.store(dclean_ref, d_clean)
@@ -406,6 +419,61 @@ def _context_grad(d_pre: jax.Array, weight: jax.Array, padded_seg: jax.Array,
     return jnp.stack(rows, axis=1)
 
 
+class _Backward(NamedTuple):
+    """One stream's backward launch: its grid, its kernels' inputs and its channel parts."""
+
+    launch: _Launch
+    inputs: _Inputs
+    starts: tuple[int, ...]
+    norm: HeadNorm | None
+
+    @classmethod
+    def of(cls, x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
+           weight: jax.Array, segment_ids: jax.Array, block_size: int | None,
+           norm: HeadNorm | None, split_at: tuple[int, ...], tiling: ConvTiling | None,
+           interpret: bool) -> _Backward:
+        if tiling is None:
+            tiling = BWD_TILING if norm is None else NORM_BWD_TILING
+        launch = _Launch.of(x, weight, block_size, clean is not None, tiling, interpret, norm)
+        rows = launch.tiles * tiling.block_t
+        inputs = _Inputs.of(x, context, clean, segment_ids, rows, tiling.block_t,
+                            weight.shape[0] - 1)
+        return cls(launch, inputs, _starts(x.shape[2], split_at, launch.static["block_c"]), norm)
+
+    @property
+    def rows(self) -> int:
+        return self.launch.tiles * self.launch.static["block_t"]
+
+    def d_pre(self, weight: jax.Array, d_out: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """``d_pre`` (fp32, one tile past the rows: the shifted loads of the last tile's inputs
+        read into it, never written; those outputs do not exist and are masked) and ``d_weight``
+        ``[K, C]`` (fp32)."""
+        batch, _, channels = self.inputs.x.shape
+        block_t, block_c = self.launch.static["block_t"], self.launch.static["block_c"]
+        taps, runs = weight.shape[0], self.launch.grid[1]
+        d_pre_shape = jax.ShapeDtypeStruct((batch, self.rows + block_t, channels), F32)
+        d_weight_shape = jax.ShapeDtypeStruct((batch, runs, taps, channels), F32)
+        d_weight_spec = pl.BlockSpec((None, None, taps, block_c), lambda b, i, c: (b, i, 0, c))
+        d_pre, d_weight = self.launch.call(
+            _d_pre_kernel, "causal_conv_bwd_d_pre",
+            [*self.inputs, weight, _end(self.norm), *(_extend(d, self.rows) for d in d_out)],
+            [d_pre_shape, d_weight_shape], [pl.no_block_spec, d_weight_spec], starts=self.starts)
+        return d_pre, jnp.sum(d_weight, axis=(0, 1))
+
+    def input_grads(self, weight: jax.Array, d_pre: jax.Array, length: int, *,
+                    write_clean: bool = False, noisy_d_pre: jax.Array | None = None,
+                    handoff_block: int | None = None) -> list[jax.Array]:
+        """The row's input gradient (and, ``write_clean``, the clean stream's share of a handoff),
+        ``[B, length, C]`` in the row's dtype (see :func:`_input_grads_kernel`)."""
+        x = self.inputs.x
+        stream = jax.ShapeDtypeStruct((x.shape[0], self.rows, x.shape[2]), x.dtype)
+        grads = self.launch.call(_input_grads_kernel, "causal_conv_bwd_inputs",
+                                 [self.inputs.seg, weight, d_pre, noisy_d_pre],
+                                 [stream, stream] if write_clean else [stream], length=length,
+                                 handoff_block=handoff_block)
+        return [g[:, :length] for g in grads]
+
+
 def conv_silu_bwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
                   weight: jax.Array, segment_ids: jax.Array, block_size: int | None,
                   d_out: list[jax.Array], norm: HeadNorm | None = None,
@@ -416,28 +484,32 @@ def conv_silu_bwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | No
     the weight's in fp32 (``tiling`` default: ``BWD_TILING``, ``NORM_BWD_TILING`` with
     ``norm``)."""
     handoff = clean is not None
-    if tiling is None:
-        tiling = BWD_TILING if norm is None else NORM_BWD_TILING
-    launch = _Launch.of(x, weight, block_size, handoff, tiling, interpret, norm)
-    batch, length, channels = x.shape
-    pad = weight.shape[0] - 1
-    block_t = tiling.block_t
-    rows = launch.tiles * block_t
-    inputs = _Inputs.of(x, context, clean, segment_ids, rows, block_t, pad)
-    starts = _starts(channels, split_at, launch.static["block_c"])
-    # One tile more than the outputs: the shifted loads of the last tile's inputs read into it
-    # (never written; those outputs do not exist and are masked).
-    d_pre_shape = jax.ShapeDtypeStruct((batch, rows + block_t, channels), F32)
-    runs, block_c = launch.grid[1], launch.static["block_c"]
-    d_weight_shape = jax.ShapeDtypeStruct((batch, runs, pad + 1, channels), F32)
-    d_weight_spec = pl.BlockSpec((None, None, pad + 1, block_c), lambda b, i, c: (b, i, 0, c))
-    d_pre, d_weight = launch.call(
-        _d_pre_kernel, "causal_conv_bwd_d_pre",
-        [*inputs, weight, _end(norm), *(_extend(d, rows) for d in d_out)],
-        [d_pre_shape, d_weight_shape], [pl.no_block_spec, d_weight_spec], starts=starts)
-    stream = jax.ShapeDtypeStruct((batch, rows, channels), x.dtype)
-    grads = launch.call(_input_grads_kernel, "causal_conv_bwd_inputs", [inputs.seg, weight, d_pre],
-                        [stream, stream] if handoff else [stream], length=length)
-    d_context = _context_grad(d_pre, weight, inputs.seg, launch.static["block_size"])
-    return ConvGrads(grads[0][:, :length], d_context, grads[1][:, :length] if handoff else None,
-                     jnp.sum(d_weight, axis=(0, 1)))
+    backward = _Backward.of(x, context, clean, weight, segment_ids, block_size, norm, split_at,
+                            tiling, interpret)
+    d_pre, d_weight = backward.d_pre(weight, d_out)
+    grads = backward.input_grads(weight, d_pre, x.shape[1], write_clean=handoff)
+    d_context = _context_grad(d_pre, weight, backward.inputs.seg,
+                              backward.launch.static["block_size"])
+    return ConvGrads(grads[0], d_context, grads[1] if handoff else None, d_weight)
+
+
+def conv_silu_bwd_pair(clean: jax.Array, noisy: jax.Array, weight: jax.Array,
+                       segment_ids: jax.Array, block_size: int, d_clean_out: list[jax.Array],
+                       d_noisy_out: list[jax.Array], norm: HeadNorm | None = None,
+                       split_at: tuple[int, ...] = (), *, tiling: ConvTiling | None = None,
+                       interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients ``(d_clean, d_noisy, d_weight)`` of a FLARE pair: :func:`conv_silu_fwd` of the
+    clean stream and of the noisy stream with handoff from it (no context rows). The clean
+    stream's input-gradient kernel also adds the taps of noisy outputs that cross their block
+    start, so its two gradients are summed in the kernel, not written apart and added."""
+    args = (weight, segment_ids)
+    clean_bwd = _Backward.of(clean, None, None, *args, None, norm, split_at, tiling, interpret)
+    noisy_bwd = _Backward.of(noisy, None, clean, *args, block_size, norm, split_at, tiling,
+                             interpret)
+    d_pre_clean, d_weight_clean = clean_bwd.d_pre(weight, d_clean_out)
+    d_pre_noisy, d_weight_noisy = noisy_bwd.d_pre(weight, d_noisy_out)
+    length = clean.shape[1]
+    (d_noisy,) = noisy_bwd.input_grads(weight, d_pre_noisy, length)
+    (d_clean,) = clean_bwd.input_grads(weight, d_pre_clean, length, noisy_d_pre=d_pre_noisy,
+                                       handoff_block=block_size)
+    return d_clean, d_noisy, d_weight_clean + d_weight_noisy

@@ -2,7 +2,8 @@
 forward and backward (interpret mode) against the reference and its autodiff: gradients of the
 inputs, the weight, the decoding context and, in FLARE handoff, the clean stream; packed
 documents; lengths that are not a multiple of the kernel's tile, or of a program's run of tiles;
-the Triton lowering."""
+the Triton lowering; the FLARE pair (both streams' convs as one op, the clean stream's gradient
+from both summed in its kernel) against two calls."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.causal_conv import gpu, reference
-from pallas_kernels.causal_conv.api import causal_conv_silu, pad_inputs
+from pallas_kernels.causal_conv.api import causal_conv_silu, causal_conv_silu_pair, pad_inputs
 
 KERNEL = 4
 # fp32 throughout; kernel and autodiff sum the same products in another order.
@@ -204,6 +205,91 @@ def test_kernels_lower_to_triton_walking_tiles(block_size):
     assert text.count("__gpu$xla.gpu.triton") == 3
     assert text.count("grid_x = 2 : i32, grid_y = 2 : i32, grid_z = 4 : i32") == 3
     assert text.count("num_stages = 2 : i32") == 3
+
+
+def pair_case(length=70, channels=48):
+    """A FLARE pair: the clean and noisy streams, the weight, a cotangent for each stream's
+    output and packed documents (``case``)."""
+    noisy, clean, _, weight, cotangent, segment_ids = case(length=length, channels=channels)
+    cotangent_clean = jax.random.normal(jax.random.key(7), cotangent.shape)
+    return clean, noisy, weight, cotangent_clean, cotangent, segment_ids
+
+
+def two_calls(clean, noisy, weight, segment_ids, block_size, **kw):
+    """The pair as two reference calls: the clean stream, then the noisy one with handoff."""
+    return (causal_conv_silu(clean, weight, segment_ids, backend="reference", **kw),
+            causal_conv_silu(noisy, weight, segment_ids, clean=clean, block_size=block_size,
+                             backend="reference", **kw))
+
+
+@pytest.mark.parametrize("tiling", [gpu.ConvTiling(16, 16, 4), gpu.ConvTiling(32, 16, 8, 2),
+                                    gpu.ConvTiling(16, 16, 4, tiles_per_program=4, num_stages=2)])
+@pytest.mark.parametrize("block_size", [4, 16, 32])
+def test_pair_backward_matches_two_calls(block_size, tiling):
+    """The pair's backward kernels (interpret mode; normalised heads, three parts; blocks smaller
+    than, equal to and larger than the tile) against autodiff of two reference calls: the clean
+    stream's gradient holds the noisy outputs' handoff taps, the noisy stream's does not."""
+    clean, noisy, weight, cot_clean, cot_noisy, segment_ids = pair_case()
+    norm, split_at = reference.HeadNorm(16, jnp.int32(32)), (16, 32)
+    d_clean, d_noisy, d_weight = gpu.conv_silu_bwd_pair(
+        clean, noisy, weight, segment_ids, block_size, jnp.split(cot_clean, split_at, axis=-1),
+        jnp.split(cot_noisy, split_at, axis=-1), norm, split_at, tiling=tiling, interpret=True)
+
+    def loss(clean, noisy, weight, with_noisy=True):
+        out_clean, out_noisy = two_calls(clean, noisy, weight, segment_ids, block_size, norm=norm)
+        return jnp.sum(out_clean * cot_clean) + with_noisy * jnp.sum(out_noisy * cot_noisy)
+
+    want = jax.grad(loss, (0, 1, 2))(clean, noisy, weight)
+    for name, got, expected in zip(("clean", "noisy", "weight"), (d_clean, d_noisy, d_weight),
+                                   want, strict=True):
+        np.testing.assert_allclose(got, expected, err_msg=name, **TOL)
+    clean_only = jax.grad(loss)(clean, noisy, weight, False)
+    assert not np.allclose(d_clean, clean_only, **TOL)  # the handoff taps were added
+
+
+@pytest.mark.parametrize("split_at", [None, (16, 32)])
+def test_pair_through_the_public_function(split_at):
+    """``causal_conv_silu_pair``: the GPU path (interpret mode, one custom VJP) equals two
+    reference calls in outputs and gradients; the reference backend is those two calls."""
+    clean, noisy, weight, cot_clean, cot_noisy, segment_ids = pair_case(length=37)
+    norm = reference.HeadNorm(16, 32)
+
+    def loss(backend, clean, noisy, weight):
+        outs = causal_conv_silu_pair(clean, noisy, weight, segment_ids, block_size=8, norm=norm,
+                                     split_at=split_at, backend=backend)
+        if split_at is not None:
+            outs = tuple(jnp.concatenate(parts, axis=-1) for parts in outs)
+        return jnp.sum(outs[0] * cot_clean) + jnp.sum(outs[1] * cot_noisy), outs
+
+    got, got_outs = jax.grad(loss, (1, 2, 3), has_aux=True)("gpu_interpret", clean, noisy, weight)
+    want, want_outs = jax.grad(loss, (1, 2, 3), has_aux=True)("reference", clean, noisy, weight)
+    expected = two_calls(clean, noisy, weight, segment_ids, 8, norm=norm)
+    for a, b, c in zip(got_outs, want_outs, expected, strict=True):
+        np.testing.assert_allclose(a, c, **TOL)
+        np.testing.assert_allclose(b, c, **TOL)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, **TOL)
+    with pytest.raises(ValueError, match="needs a positive block_size, got 0"):
+        causal_conv_silu_pair(clean, noisy, weight, segment_ids, block_size=0)
+
+
+def test_pair_lowers_to_six_triton_kernels():
+    """The pair through its custom VJP, lowered for CUDA: two forward kernels, then a ``d_pre``
+    and an input-gradient kernel per stream; no other kernel writes a clean-stream gradient."""
+    x = jnp.zeros((2, 64, 256), jnp.bfloat16)
+    weight = jnp.zeros((KERNEL, 256))
+    segment_ids = jnp.zeros((2, 64), jnp.int32)
+
+    def grads(clean, noisy, weight):
+        def loss(clean, noisy, weight):
+            parts = causal_conv_silu_pair(clean, noisy, weight, segment_ids, block_size=32,
+                                          norm=reference.HeadNorm(64, 128), split_at=(64, 128),
+                                          backend="gpu")
+            return sum(jnp.sum(p.astype(jnp.float32)) for out in parts for p in out)
+        return jax.grad(loss, (0, 1, 2))(clean, noisy, weight)
+
+    text = jax.jit(grads).trace(x, x, weight).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 6
 
 
 def test_handoff_without_block_size_is_an_error():
