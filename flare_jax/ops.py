@@ -108,28 +108,28 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
     return conv.split(out)
 
 
-def causal_conv_silu_pair(clean: jax.Array, noisy: jax.Array, weight: jax.Array,
-                          segment_ids: jax.Array, *, block_size: int,
-                          l2_heads: tuple[int, int] | None = None,
+def causal_conv_silu_pair(row: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
+                          block_size: int, l2_heads: tuple[int, int] | None = None,
                           split_at: tuple[int, ...] | None = None, backend: str = "auto"
                           ) -> tuple[jax.Array | tuple[jax.Array, ...], ...]:
-    """Both FLARE streams' convs, ``(causal_conv_silu(clean, ...), causal_conv_silu(noisy, ...,
-    clean=clean, block_size=block_size))``, as one op: the GPU kernels then sum the clean
-    stream's gradient from both in one pass (``causal_conv_api.causal_conv_silu_pair``)."""
-    conv = _ConvShards.of(clean, l2_heads, split_at)
+    """Both FLARE streams' convs over the packed ``row [B, 2T, C] = [clean ; noisy]``:
+    ``(causal_conv_silu(clean, ...), causal_conv_silu(noisy, ..., clean=clean,
+    block_size=block_size))`` as one op, whose GPU kernels read the halves in place and sum the
+    clean half's gradient from both streams in one pass (``causal_conv_api.causal_conv_silu_pair``)."""
+    conv = _ConvShards.of(row, l2_heads, split_at)
 
-    def run(clean, noisy, weight, segment_ids, channel_ids):
+    def run(row, weight, segment_ids, channel_ids):
         return causal_conv_api.causal_conv_silu_pair(
-            clean, noisy, weight, segment_ids, block_size=block_size,
-            norm=conv.norm(channel_ids), split_at=conv.kernel_split, backend=backend)
+            row, weight, segment_ids, block_size=block_size, norm=conv.norm(channel_ids),
+            split_at=conv.kernel_split, backend=backend)
 
     def specs(b, h):
         stream = P(b, None, h)
         out = conv.out_spec(stream)
-        return (stream, stream, P(None, h), P(b, None), P(h)), (out, out)
+        return (stream, P(None, h), P(b, None), P(h)), (out, out)
 
-    outs = _per_shard(run, clean.shape[0], (conv.heads,), specs)(
-        clean, noisy, weight, segment_ids, conv.channel_ids)
+    outs = _per_shard(run, row.shape[0], (conv.heads,), specs)(
+        row, weight, segment_ids, conv.channel_ids)
     return tuple(conv.split(out) for out in outs)
 
 

@@ -65,8 +65,8 @@ def worker(out: Path) -> None:
         return ops.causal_conv_silu(x, conv_weight, segments, **conv_layout, **handoff)
 
     def conv_pair(clean, noisy):
-        outs = ops.causal_conv_silu_pair(clean, noisy, conv_weight, segments, block_size=4,
-                                         **conv_layout)
+        outs = ops.causal_conv_silu_pair(jnp.concatenate([clean, noisy], axis=1), conv_weight,
+                                         segments, block_size=4, **conv_layout)
         return outs[0] + outs[1]
 
     def loss(clean, noisy, q, k, v, mixed, mixed_noisy):

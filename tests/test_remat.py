@@ -80,26 +80,27 @@ def _linear_layer_residuals(remat: str, capsys) -> tuple[str, nnx.State]:
 
 
 def test_selective_remat_keeps_one_copy_of_the_conv_input(capsys):
-    """The conv kernel's residuals are its zero-padded inputs: "selective" keeps the projection
-    they are padded from (``[B, T, C]``) and re-pads it in the backward pass instead of
-    storing the ``[B, T + K - 1, C]`` copies as well."""
+    """The conv kernels read the projection of the whole FLARE row (both streams,
+    ``[B, 2T, C]``) in place: "selective" keeps that one array, and neither a stream's half nor
+    a zero-padded ``[B, T + K - 1, C]`` copy of it."""
     saved, layer_state = _linear_layer_residuals("selective", capsys)
     kernel, conv_dim = layer_state["linear_attn"]["conv_weight"][...].shape
-    assert f"[1,{LENGTH},{conv_dim}] named 'projection'" in saved
+    assert f"[1,{2 * LENGTH},{conv_dim}] named 'projection'" in saved
+    assert f"[1,{LENGTH},{conv_dim}]" not in saved
     assert f"[1,{LENGTH + kernel - 1},{conv_dim}]" not in saved
 
 
 def test_selective_inputs_keeps_what_the_matmuls_read(capsys):
     """"selective_inputs" keeps, beyond "selective"'s, every projection's input: the SwiGLU
-    activation ``[1, 2L, I]`` that the down projection reads, the gated RMSNorm output of each
-    stream ``[1, L, value dim]`` that the output projection reads and the RMSNorm outputs
+    activation ``[1, 2L, I]`` that the down projection reads, the gated RMSNorm output of both
+    streams ``[1, 2L, value dim]`` that the output projection reads and the RMSNorm outputs
     ``[1, 2L, hidden]``; "selective" keeps none of them (it recomputes them in the backward
     pass)."""
     selective, _ = _linear_layer_residuals("selective", capsys)
     saved, layer_state = _linear_layer_residuals("selective_inputs", capsys)
     value_dim = layer_state["linear_attn"]["out_proj"]["kernel"][...].shape[0]
     assert f"[1,{2 * LENGTH},{SMALL['intermediate_size']}] named 'projection_input'" in saved
-    assert f"[1,{LENGTH},{value_dim}] named 'projection_input'" in saved
+    assert f"[1,{2 * LENGTH},{value_dim}] named 'projection_input'" in saved
     assert f"[1,{2 * LENGTH},{SMALL['hidden_size']}] named 'projection_input'" in saved
     assert "projection_input" not in selective
 

@@ -52,25 +52,38 @@ class GatedDeltaNet(nnx.Module):
         return ops.causal_conv_silu(mixed, self.conv_weight[...], segment_ids, context=context,
                                     **self._conv_layout())
 
-    def _inputs(self, x: jax.Array, qkv: tuple[jax.Array, ...]) -> GatedDeltaInputs:
-        c = self.config
-        batch, length, _ = x.shape
-        q, k, v = qkv
-        q = q.reshape(batch, length, c.linear_num_key_heads, c.linear_key_head_dim)
-        k = k.reshape(batch, length, c.linear_num_key_heads, c.linear_key_head_dim)
-        v = v.reshape(batch, length, c.linear_num_value_heads, c.linear_value_head_dim)
+    def _gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The decay ``g`` and the write strength ``beta`` of every token of ``x``, ``[B, T, Hv]``
+        fp32."""
         beta = jax.nn.sigmoid(self.in_proj_b(x).astype(jnp.float32))
         a = self.in_proj_a(x).astype(jnp.float32)
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
             a + self.dt_bias[...].astype(jnp.float32))
+        return g, beta
+
+    def _inputs(self, qkv: tuple[jax.Array, ...], g: jax.Array, beta: jax.Array
+                ) -> GatedDeltaInputs:
+        c = self.config
+        q, k, v = qkv
+        batch, length, _ = q.shape
+        q = q.reshape(batch, length, c.linear_num_key_heads, c.linear_key_head_dim)
+        k = k.reshape(batch, length, c.linear_num_key_heads, c.linear_key_head_dim)
+        v = v.reshape(batch, length, c.linear_num_value_heads, c.linear_value_head_dim)
         return GatedDeltaInputs(q, k, v, g, beta)
 
-    def _output(self, x: jax.Array, o: jax.Array) -> jax.Array:
+    def _gate_inputs(self, x: jax.Array) -> jax.Array:
+        """The output norm's gate ``z``, ``[B, T, Hv, Dv]``."""
         c = self.config
         batch, length, _ = x.shape
-        z = self.in_proj_z(x).reshape(batch, length, c.linear_num_value_heads, c.linear_value_head_dim)
-        o = self.norm(o.astype(self.dtype), z)
-        return self.out_proj(o.reshape(batch, length, c.linear_value_dim))
+        return self.in_proj_z(x).reshape(batch, length, c.linear_num_value_heads,
+                                         c.linear_value_head_dim)
+
+    def _project_out(self, normed: jax.Array) -> jax.Array:
+        batch, length = normed.shape[:2]
+        return self.out_proj(normed.reshape(batch, length, self.config.linear_value_dim))
+
+    def _output(self, x: jax.Array, o: jax.Array) -> jax.Array:
+        return self._project_out(self.norm(o.astype(self.dtype), self._gate_inputs(x)))
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array, cache: LinearCache | None = None,
                  continues: jax.Array | None = None
@@ -87,7 +100,7 @@ class GatedDeltaNet(nnx.Module):
             keep = continues[:, None, None]
             context = jnp.where(keep, cache.conv, jnp.zeros_like(cache.conv))
             initial_state = jnp.where(keep[..., None], cache.state, jnp.zeros_like(cache.state))
-        inputs = self._inputs(x, self._conv(mixed, segment_ids, context))
+        inputs = self._inputs(self._conv(mixed, segment_ids, context), *self._gates(x))
         o, state = ops.gated_delta(inputs, segment_ids=segment_ids, initial_state=initial_state,
                                    backend=self.backend)
         window = conv_window(mixed, segment_ids, context, self.config.linear_conv_kernel_dim)
@@ -113,16 +126,25 @@ class GatedDeltaNet(nnx.Module):
             inputs_so_far, keep)
         return LinearCache(window.astype(pending.context.dtype), state)
 
-    def flare(self, x_clean: jax.Array, x_noisy: jax.Array, segment_ids: jax.Array,
-              block_size: int) -> tuple[jax.Array, jax.Array]:
-        """Both FLARE streams in one pass: the noisy copy of each block starts from the clean
-        stream's conv window and recurrent state at that block's boundary."""
-        mixed_clean = self.in_proj_qkv(x_clean)
-        mixed_noisy = self.in_proj_qkv(x_noisy)
+    def flare(self, x: jax.Array, segment_ids: jax.Array, block_size: int) -> jax.Array:
+        """Both FLARE streams of the packed row ``x [B, 2T, hidden]`` (the clean stream, then
+        the noisy one; ``segment_ids [B, T]`` of each) in one pass: the noisy copy of each block
+        starts from the clean stream's conv window and recurrent state at that block's boundary.
+
+        The projections run once over the whole row and the conv reads its two halves in place,
+        so only the recurrence and the output norm see the streams apart."""
+        def halves(a: jax.Array) -> list[jax.Array]:
+            return jnp.split(a, 2, axis=1)
+
         conv_clean, conv_noisy = ops.causal_conv_silu_pair(
-            mixed_clean, mixed_noisy, self.conv_weight[...], segment_ids, block_size=block_size,
+            self.in_proj_qkv(x), self.conv_weight[...], segment_ids, block_size=block_size,
             **self._conv_layout())
+        (g_clean, g_noisy), (beta_clean, beta_noisy) = map(halves, self._gates(x))
         o_clean, o_noisy = ops.gated_delta_handoff(
-            self._inputs(x_clean, conv_clean), self._inputs(x_noisy, conv_noisy),
+            self._inputs(conv_clean, g_clean, beta_clean),
+            self._inputs(conv_noisy, g_noisy, beta_noisy),
             segment_ids=segment_ids, block_size=block_size, backend=self.backend)
-        return self._output(x_clean, o_clean), self._output(x_noisy, o_noisy)
+        z_clean, z_noisy = halves(self._gate_inputs(x))
+        normed = jnp.concatenate([self.norm(o_clean.astype(self.dtype), z_clean),
+                                  self.norm(o_noisy.astype(self.dtype), z_noisy)], axis=1)
+        return self._project_out(normed)

@@ -87,10 +87,7 @@ class DecoderLayer(nnx.Module):
             packed = layout.packed()
             mixed, _ = self.self_attn(x, packed, packed)
         else:
-            x_clean, x_noisy = jnp.split(x, 2, axis=1)
-            out_clean, out_noisy = self.linear_attn.flare(
-                x_clean, x_noisy, layout.clean.segment_ids, layout.block_size)
-            mixed = jnp.concatenate([out_clean, out_noisy], axis=1)
+            mixed = self.linear_attn.flare(x, layout.clean.segment_ids, layout.block_size)
         return self._mlp_block(h + mixed, token_mask)
 
 

@@ -54,28 +54,28 @@ def _bwd(static, residuals, d_out):
 _gpu_conv.defvjp(_fwd, _bwd)
 
 
-def _gpu_pair_forward(clean, noisy, weight, segment_ids, norm_end, static):
-    return (_gpu_forward(clean, None, None, weight, segment_ids, norm_end,
-                         static._replace(block_size=None)),
-            _gpu_forward(noisy, None, clean, weight, segment_ids, norm_end, static))
+def _gpu_pair_forward(row, weight, segment_ids, norm_end, static):
+    return tuple(tuple(parts) for parts in gpu.conv_silu_fwd_pair(
+        row, weight, segment_ids, static.block_size, static.norm(norm_end), static.split_at,
+        interpret=static.interpret))
 
 
-_gpu_conv_pair = jax.custom_vjp(_gpu_pair_forward, nondiff_argnums=(5,))
+_gpu_conv_pair = jax.custom_vjp(_gpu_pair_forward, nondiff_argnums=(4,))
 
 
-def _pair_fwd(clean, noisy, weight, segment_ids, norm_end, static):
-    out = _gpu_pair_forward(clean, noisy, weight, segment_ids, norm_end, static)
-    return out, (clean, noisy, weight, segment_ids, norm_end)
+def _pair_fwd(row, weight, segment_ids, norm_end, static):
+    out = _gpu_pair_forward(row, weight, segment_ids, norm_end, static)
+    return out, (row, weight, segment_ids, norm_end)
 
 
 def _pair_bwd(static, residuals, d_out):
-    clean, noisy, weight, segment_ids, norm_end = residuals
-    d_clean, d_noisy, d_weight = gpu.conv_silu_bwd_pair(
-        clean, noisy, weight, segment_ids, static.block_size, list(d_out[0]), list(d_out[1]),
+    row, weight, segment_ids, norm_end = residuals
+    d_row, d_weight = gpu.conv_silu_bwd_pair(
+        row, weight, segment_ids, static.block_size, list(d_out[0]), list(d_out[1]),
         static.norm(norm_end), static.split_at, interpret=static.interpret)
     d_end = None if norm_end is None else np.zeros(np.shape(norm_end), jax.dtypes.float0)
-    return (d_clean, d_noisy, d_weight.astype(weight.dtype),
-            np.zeros(segment_ids.shape, jax.dtypes.float0), d_end)
+    return (d_row, d_weight.astype(weight.dtype), np.zeros(segment_ids.shape, jax.dtypes.float0),
+            d_end)
 
 
 _gpu_conv_pair.defvjp(_pair_fwd, _pair_bwd)
@@ -137,24 +137,29 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
     return out if split_at is None else tuple(jnp.split(out, split_at, axis=-1))
 
 
-def causal_conv_silu_pair(clean: jax.Array, noisy: jax.Array, weight: jax.Array,
-                          segment_ids: jax.Array, *, block_size: int,
-                          norm: reference.HeadNorm | None = None,
+def causal_conv_silu_pair(row: jax.Array, weight: jax.Array, segment_ids: jax.Array, *,
+                          block_size: int, norm: reference.HeadNorm | None = None,
                           split_at: tuple[int, ...] | None = None, backend: str = "auto"
                           ) -> tuple[jax.Array | tuple[jax.Array, ...], ...]:
-    """Both FLARE streams' convs: ``(causal_conv_silu(clean, ...), causal_conv_silu(noisy, ...,
-    clean=clean, block_size=block_size))`` (arguments as :func:`causal_conv_silu` takes them; no
-    context rows). On the GPU backends one custom VJP: the clean stream's gradient from both
-    calls is summed inside its input-gradient kernel, not formed twice and added."""
+    """Both FLARE streams' convs over ``row [B, 2T, C]``, the clean stream then the noisy one
+    (``segment_ids [B, T]`` of each): ``(causal_conv_silu(clean, ...), causal_conv_silu(noisy,
+    ..., clean=clean, block_size=block_size))`` (arguments as :func:`causal_conv_silu` takes
+    them; no context rows). On the GPU backends one custom VJP whose kernels read both halves of
+    the row in place and write its gradient as one array: the clean half's gradient from both
+    streams is summed inside its input-gradient kernel, not formed twice and added."""
     _check_block_size(block_size)
+    if row.ndim != 3 or row.shape[1] != 2 * segment_ids.shape[1]:
+        raise ValueError(f"causal_conv_silu_pair: row must be [B, 2T, C] for segment_ids "
+                         f"{segment_ids.shape} ([B, T]), got {row.shape}")
     backend = resolve_backend(backend)
     if backend not in ("gpu", "gpu_interpret"):
+        clean, noisy = jnp.split(row, 2, axis=1)
         kw = dict(norm=norm, split_at=split_at, backend=backend)
         return (causal_conv_silu(clean, weight, segment_ids, **kw),
                 causal_conv_silu(noisy, weight, segment_ids, clean=clean, block_size=block_size,
                                  **kw))
     end = None if norm is None else jnp.asarray(norm.end, jnp.int32)
-    outs = _gpu_conv_pair(clean, noisy, weight, segment_ids, end,
+    outs = _gpu_conv_pair(row, weight, segment_ids, end,
                           _gpu_static(block_size, norm, split_at, backend))
     return outs if split_at is not None else (outs[0][0], outs[1][0])
 

@@ -112,9 +112,10 @@ class _Tile:
         """Rows ``t0 + shift + [0, BLOCK_T)`` of a ``[B, rows, C]`` ref."""
         return ref[self.b, pl.ds(self.t0 + shift, self.block_t), self.cs]
 
-    def store(self, ref, value: jax.Array) -> None:
-        """``value`` into rows ``t0 + [0, BLOCK_T)`` of a ``[B, rows, C]`` ref, in its dtype."""
-        ref[self.b, pl.ds(self.t0, self.block_t), self.cs] = value.astype(ref.dtype)
+    def store(self, ref, value: jax.Array, offset: int = 0) -> None:
+        """``value`` into rows ``offset + t0 + [0, BLOCK_T)`` of a ``[B, rows, C]`` ref, in its
+        dtype."""
+        ref[self.b, pl.ds(self.t0 + offset, self.block_t), self.cs] = value.astype(ref.dtype)
 
     def _columns(self, starts: tuple[int, ...], index: int) -> pl.Slice:
         """The tile's channels as columns of part ``index`` (parts start at ``starts``)."""
@@ -150,15 +151,16 @@ class _Tile:
         """Padded segment ids (``K - 1`` rows before the row) from row ``t0 + shift``."""
         return self.seg_ref[self.b, pl.ds(self.t0 + shift, self.block_t)]
 
-    def behind(self, ref, head_ref, back: int) -> jax.Array:
-        """Rows ``t0 - back + [0, BLOCK_T)`` of the row ``ref``; the first tile reads them from
-        ``head_ref`` (the context rows, then the first tile's inputs)."""
+    def behind(self, ref, head_ref, back: int, offset: int) -> jax.Array:
+        """Rows ``t0 - back + [0, BLOCK_T)`` of the stream that starts at row ``offset`` of
+        ``ref``; the first tile reads them from ``head_ref`` (the context rows, then the first
+        tile's inputs)."""
         if back == 0:
-            return self.rows(ref)
+            return self.rows(ref, offset)
         return jax.lax.cond(
             self.t0 == 0,
             lambda: head_ref[self.b, pl.ds(self.pad - back, self.block_t), self.cs],
-            lambda: self.rows(ref, -back))
+            lambda: self.rows(ref, offset - back))
 
     def crosses_block(self, positions: jax.Array, back: int) -> jax.Array | None:
         """Whether tap ``back`` of the outputs at ``positions`` reaches before their block (None
@@ -173,10 +175,11 @@ class _Tile:
         outputs = self.t0 + jnp.arange(self.block_t)
         taps = []
         for back in range(self.pad + 1):
-            tap = self.behind(rows.x, rows.x_head, back)
+            tap = self.behind(rows.x, rows.x_head, back, rows.offsets.x)
             crosses = self.crosses_block(outputs, back) if rows.clean is not None else None
             if crosses is not None:
-                tap = jnp.where(crosses, self.behind(rows.clean, rows.clean_head, back), tap)
+                clean = self.behind(rows.clean, rows.clean_head, back, rows.offsets.clean)
+                tap = jnp.where(crosses, clean, tap)
             same_doc = (self.segs(self.pad - back) == own)[:, None]
             taps.append(jnp.where(same_doc, tap.astype(F32), 0.0))
         return taps
@@ -197,20 +200,33 @@ def _l2_normalize(y: jax.Array) -> tuple[jax.Array, jax.Array]:
     return y * inv, inv
 
 
+class Offsets(NamedTuple):
+    """First rows of the streams in the kernels' arrays: of the conv's inputs ``x`` (and of their
+    gradient) and of the clean stream of a handoff. Nonzero where both FLARE streams are halves of
+    one ``[clean ; noisy]`` row (:func:`conv_silu_fwd_pair`), which the kernels read in place."""
+
+    x: int = 0
+    clean: int = 0
+
+
+OWN_ARRAYS = Offsets()  # every stream from row 0 of arrays of its own
+
+
 class _Rows(NamedTuple):
     """Refs of the conv's inputs: the row and the first tile's copy behind the context rows, the
-    same for the clean stream (None without handoff)."""
+    same for the clean stream (None without handoff), and where the streams start in them."""
 
     x: Any
     x_head: Any
     clean: Any
     clean_head: Any
+    offsets: Offsets
 
 
 def _fwd_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref, *out_refs,
-                starts: tuple[int, ...], **shape: int | None):
+                starts: tuple[int, ...], offsets: Offsets, **shape: int | None):
     """Outputs: one ref per part of the channels (``starts``)."""
-    rows = _Rows(x_ref, x_head, clean_ref, clean_head)
+    rows = _Rows(x_ref, x_head, clean_ref, clean_head, offsets)
 
     def step(tile: _Tile, carry: tuple) -> tuple:
         y = jax.nn.silu(tile.pre(tile.taps(rows)))
@@ -224,14 +240,14 @@ def _fwd_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref, *
 
 
 def _d_pre_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref, *refs,
-                  starts: tuple[int, ...], **shape: int | None):
+                  starts: tuple[int, ...], offsets: Offsets, **shape: int | None):
     """``d_pre`` of the program's outputs (fp32) and their weight-gradient partial sum; through
     the l2 normalisation of the tile's head where it is normalised. ``refs``: the output
     cotangent, one ref per part of the channels (``starts``), then ``d_pre`` and the partial
     sums."""
     *dy_refs, dpre_ref, dw_ref = refs
     program = _Tile(w_ref, seg_ref, **shape)
-    rows = _Rows(x_ref, x_head, clean_ref, clean_head)
+    rows = _Rows(x_ref, x_head, clean_ref, clean_head, offsets)
 
     def step(tile: _Tile, sums: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         taps = tile.taps(rows)
@@ -251,9 +267,12 @@ def _d_pre_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref,
         dw_ref[program.pad - back, :] = jnp.sum(total, axis=0)
 
 
-def _input_grads_kernel(seg_ref, w_ref, dpre_ref, noisy_dpre_ref, dx_ref, dclean_ref=None, *,
-                        length: int, handoff_block: int | None = None, **shape: int | None):
-    """Gradients of the tile's inputs ``q``: tap ``j`` of output ``q + j`` read them.
+def _input_grads_kernel(seg_ref, w_ref, dpre_ref, noisy_dpre_ref, _written_ref, dx_ref,
+                        dclean_ref=None, *, length: int, handoff_block: int | None = None,
+                        dx_offset: int = 0, **shape: int | None):
+    """Gradients of the tile's inputs ``q``: tap ``j`` of output ``q + j`` read them; stored from
+    row ``dx_offset`` of ``dx_ref`` (``_written_ref``: the same array as an aliased input, when
+    another stream's kernel has written the rest of it; not read).
 
     In the FLARE handoff (the launch's ``block_size``) taps that cross their output's block start
     read the clean stream: their share goes to ``dclean_ref``, or nowhere when it is None (the
@@ -281,7 +300,7 @@ def _input_grads_kernel(seg_ref, w_ref, dpre_ref, noisy_dpre_ref, dx_ref, dclean
                 rows = noisy_dpre_ref.at[tile.b, pl.ds(tile.t0 + back, tile.block_t), tile.cs]
                 mask = jnp.broadcast_to(reads_clean, (tile.block_t, tile.block_c))
                 d_x = d_x + plgpu.load(rows, mask=mask, other=0.0) * weight
-        tile.store(dx_ref, d_x)
+        tile.store(dx_ref, d_x, dx_offset)
         if dclean_ref is not None:
             tile.store(dclean_ref, d_clean)
         return carry
@@ -323,13 +342,19 @@ class _Launch(NamedTuple):
                    params, interpret)
 
     def call(self, body, name: str, inputs: list, out_shape: list, out_specs: list | None = None,
-             **extra) -> list[jax.Array]:
-        """``inputs``: arrays, or None (the kernel's ref is None); ``out_specs``: whole refs when None."""
+             aliased_input: int | None = None, **extra) -> list[jax.Array]:
+        """``inputs``: arrays, or None (the kernel's ref is None); ``out_specs``: whole refs when
+        None; ``aliased_input``: the position in ``inputs`` of the array that is the first
+        output's buffer too."""
+        aliases = {}
+        if aliased_input is not None:  # pallas_call counts the inputs that are not None
+            aliases[sum(a is not None for a in inputs[:aliased_input])] = 0
         return pl.pallas_call(
             functools.partial(body, **self.static, **extra), grid=self.grid,
             in_specs=[None if a is None else pl.no_block_spec for a in inputs],
             out_specs=out_specs or [pl.no_block_spec] * len(out_shape), out_shape=out_shape,
-            compiler_params=self.params, interpret=self.interpret, name=name,
+            input_output_aliases=aliases, compiler_params=self.params,
+            interpret=self.interpret, name=name,
         )(*inputs)
 
 
@@ -353,17 +378,20 @@ class _Inputs(NamedTuple):
 
     @classmethod
     def of(cls, x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
-           segment_ids: jax.Array, rows: int, block_t: int, pad: int) -> _Inputs:
+           segment_ids: jax.Array, rows: int, block_t: int, pad: int,
+           offsets: Offsets = OWN_ARRAYS) -> _Inputs:
+        """``x`` and ``clean`` hold their streams from rows ``offsets`` (then on whole runs of
+        tiles already)."""
         batch, _, channels = x.shape
         zeros = jnp.zeros((batch, pad, channels), x.dtype)
         x, clean = _extend(x, rows), _extend(clean, rows)
 
-        def head(a: jax.Array, before: jax.Array) -> jax.Array:
-            return jnp.concatenate([before.astype(a.dtype), a[:, :block_t]], axis=1)
+        def head(a: jax.Array, before: jax.Array, offset: int) -> jax.Array:
+            return jnp.concatenate([before.astype(a.dtype), a[:, offset:offset + block_t]], axis=1)
 
         seg = padded_segments(segment_ids, pad)
-        return cls(x, head(x, zeros if context is None else context), clean,
-                   None if clean is None else head(clean, zeros),
+        return cls(x, head(x, zeros if context is None else context, offsets.x), clean,
+                   None if clean is None else head(clean, zeros, offsets.clean),
                    _extend(seg.astype(jnp.int32), rows + 2 * pad, NO_SEGMENT))
 
 
@@ -381,6 +409,87 @@ def _starts(channels: int, split_at: tuple[int, ...], block_c: int) -> tuple[int
     return starts
 
 
+class _Stream(NamedTuple):
+    """One stream's launch: its grid, its kernels' inputs, its channel parts and where it starts
+    in the arrays it is read from (and its input gradient written to)."""
+
+    launch: _Launch
+    inputs: _Inputs
+    starts: tuple[int, ...]
+    norm: HeadNorm | None
+    offsets: Offsets
+
+    @classmethod
+    def of(cls, x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
+           weight: jax.Array, segment_ids: jax.Array, block_size: int | None,
+           norm: HeadNorm | None, split_at: tuple[int, ...], tiling: ConvTiling,
+           interpret: bool, offsets: Offsets = OWN_ARRAYS) -> _Stream:
+        """The stream of ``segment_ids``' length from row ``offsets.x`` of ``x`` (and, in a
+        handoff, ``offsets.clean`` of ``clean``)."""
+        batch, length = segment_ids.shape
+        stream = jax.ShapeDtypeStruct((batch, length, x.shape[2]), x.dtype)
+        launch = _Launch.of(stream, weight, block_size, clean is not None, tiling, interpret, norm)
+        rows = launch.tiles * tiling.block_t
+        inputs = _Inputs.of(x, context, clean, segment_ids, rows, tiling.block_t,
+                            weight.shape[0] - 1, offsets)
+        return cls(launch, inputs, _starts(x.shape[2], split_at, launch.static["block_c"]), norm,
+                   offsets)
+
+    @property
+    def rows(self) -> int:
+        """The stream's rows in the kernels: its length up to a whole number of runs of tiles."""
+        return self.launch.tiles * self.launch.static["block_t"]
+
+    def forward(self, weight: jax.Array, length: int) -> list[jax.Array]:
+        """The conv + SiLU's parts, ``[B, length, width]`` each, in the inputs' dtype."""
+        x = self.inputs.x
+        ends = (*self.starts[1:], x.shape[2])
+        outs = self.launch.call(
+            _fwd_kernel, "causal_conv_fwd", [*self.inputs, weight, _end(self.norm)],
+            [jax.ShapeDtypeStruct((x.shape[0], self.rows, b - a), x.dtype)
+             for a, b in zip(self.starts, ends, strict=True)],
+            starts=self.starts, offsets=self.offsets)
+        return [out[:, :length] for out in outs]
+
+    def d_pre(self, weight: jax.Array, d_out: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """``d_pre`` (fp32, one tile past the rows: the shifted loads of the last tile's inputs
+        read into it, never written; those outputs do not exist and are masked) and ``d_weight``
+        ``[K, C]`` (fp32)."""
+        batch, _, channels = self.inputs.x.shape
+        block_t, block_c = self.launch.static["block_t"], self.launch.static["block_c"]
+        taps, runs = weight.shape[0], self.launch.grid[1]
+        d_pre_shape = jax.ShapeDtypeStruct((batch, self.rows + block_t, channels), F32)
+        d_weight_shape = jax.ShapeDtypeStruct((batch, runs, taps, channels), F32)
+        d_weight_spec = pl.BlockSpec((None, None, taps, block_c), lambda b, i, c: (b, i, 0, c))
+        d_pre, d_weight = self.launch.call(
+            _d_pre_kernel, "causal_conv_bwd_d_pre",
+            [*self.inputs, weight, _end(self.norm), *(_extend(d, self.rows) for d in d_out)],
+            [d_pre_shape, d_weight_shape], [pl.no_block_spec, d_weight_spec], starts=self.starts,
+            offsets=self.offsets)
+        return d_pre, jnp.sum(d_weight, axis=(0, 1))
+
+    def input_grads(self, weight: jax.Array, d_pre: jax.Array, length: int, *,
+                    write_clean: bool = False, noisy_d_pre: jax.Array | None = None,
+                    handoff_block: int | None = None,
+                    into: jax.Array | jax.ShapeDtypeStruct | None = None) -> list[jax.Array]:
+        """The row's input gradient (and, ``write_clean``, the clean stream's share of a handoff),
+        ``[B, length, C]`` in the row's dtype (see :func:`_input_grads_kernel`).
+
+        ``into``: the gradient of the whole array the stream's inputs are rows of (from
+        ``offsets.x``), returned whole: its shape, for the first stream's kernel to allocate, or
+        the array another stream's kernel returned, written in place (its other rows kept)."""
+        x = self.inputs.x
+        stream = jax.ShapeDtypeStruct((x.shape[0], self.rows, x.shape[2]), x.dtype)
+        target = stream if into is None else jax.ShapeDtypeStruct(into.shape, into.dtype)
+        written = into if isinstance(into, jax.Array) else None
+        grads = self.launch.call(_input_grads_kernel, "causal_conv_bwd_inputs",
+                                 [self.inputs.seg, weight, d_pre, noisy_d_pre, written],
+                                 [target, stream] if write_clean else [target], length=length,
+                                 handoff_block=handoff_block, dx_offset=self.offsets.x,
+                                 aliased_input=None if written is None else 4)
+        return grads if into is not None else [g[:, :length] for g in grads]
+
+
 def conv_silu_fwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
                   weight: jax.Array, segment_ids: jax.Array, block_size: int | None,
                   norm: HeadNorm | None = None, split_at: tuple[int, ...] = (), *,
@@ -388,16 +497,9 @@ def conv_silu_fwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | No
     """The causal conv + SiLU of ``x [B, T, C]`` (arguments as :func:`api.causal_conv_silu`
     takes them) as one kernel: ``[B, T, C]`` in x's dtype, written as the parts of its channels
     that start at ``split_at`` (one array each)."""
-    launch = _Launch.of(x, weight, block_size, clean is not None, tiling, interpret, norm)
-    batch, length, channels = x.shape
-    rows = launch.tiles * tiling.block_t
-    starts = _starts(channels, split_at, launch.static["block_c"])
-    inputs = _Inputs.of(x, context, clean, segment_ids, rows, tiling.block_t, weight.shape[0] - 1)
-    widths = [b - a for a, b in zip(starts, (*starts[1:], channels), strict=True)]
-    outs = launch.call(_fwd_kernel, "causal_conv_fwd", [*inputs, weight, _end(norm)],
-                       [jax.ShapeDtypeStruct((batch, rows, w), x.dtype) for w in widths],
-                       starts=starts)
-    return [out[:, :length] for out in outs]
+    stream = _Stream.of(x, context, clean, weight, segment_ids, block_size, norm, split_at,
+                        tiling, interpret)
+    return stream.forward(weight, x.shape[1])
 
 
 def _context_grad(d_pre: jax.Array, weight: jax.Array, padded_seg: jax.Array,
@@ -419,61 +521,6 @@ def _context_grad(d_pre: jax.Array, weight: jax.Array, padded_seg: jax.Array,
     return jnp.stack(rows, axis=1)
 
 
-class _Backward(NamedTuple):
-    """One stream's backward launch: its grid, its kernels' inputs and its channel parts."""
-
-    launch: _Launch
-    inputs: _Inputs
-    starts: tuple[int, ...]
-    norm: HeadNorm | None
-
-    @classmethod
-    def of(cls, x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
-           weight: jax.Array, segment_ids: jax.Array, block_size: int | None,
-           norm: HeadNorm | None, split_at: tuple[int, ...], tiling: ConvTiling | None,
-           interpret: bool) -> _Backward:
-        if tiling is None:
-            tiling = BWD_TILING if norm is None else NORM_BWD_TILING
-        launch = _Launch.of(x, weight, block_size, clean is not None, tiling, interpret, norm)
-        rows = launch.tiles * tiling.block_t
-        inputs = _Inputs.of(x, context, clean, segment_ids, rows, tiling.block_t,
-                            weight.shape[0] - 1)
-        return cls(launch, inputs, _starts(x.shape[2], split_at, launch.static["block_c"]), norm)
-
-    @property
-    def rows(self) -> int:
-        return self.launch.tiles * self.launch.static["block_t"]
-
-    def d_pre(self, weight: jax.Array, d_out: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """``d_pre`` (fp32, one tile past the rows: the shifted loads of the last tile's inputs
-        read into it, never written; those outputs do not exist and are masked) and ``d_weight``
-        ``[K, C]`` (fp32)."""
-        batch, _, channels = self.inputs.x.shape
-        block_t, block_c = self.launch.static["block_t"], self.launch.static["block_c"]
-        taps, runs = weight.shape[0], self.launch.grid[1]
-        d_pre_shape = jax.ShapeDtypeStruct((batch, self.rows + block_t, channels), F32)
-        d_weight_shape = jax.ShapeDtypeStruct((batch, runs, taps, channels), F32)
-        d_weight_spec = pl.BlockSpec((None, None, taps, block_c), lambda b, i, c: (b, i, 0, c))
-        d_pre, d_weight = self.launch.call(
-            _d_pre_kernel, "causal_conv_bwd_d_pre",
-            [*self.inputs, weight, _end(self.norm), *(_extend(d, self.rows) for d in d_out)],
-            [d_pre_shape, d_weight_shape], [pl.no_block_spec, d_weight_spec], starts=self.starts)
-        return d_pre, jnp.sum(d_weight, axis=(0, 1))
-
-    def input_grads(self, weight: jax.Array, d_pre: jax.Array, length: int, *,
-                    write_clean: bool = False, noisy_d_pre: jax.Array | None = None,
-                    handoff_block: int | None = None) -> list[jax.Array]:
-        """The row's input gradient (and, ``write_clean``, the clean stream's share of a handoff),
-        ``[B, length, C]`` in the row's dtype (see :func:`_input_grads_kernel`)."""
-        x = self.inputs.x
-        stream = jax.ShapeDtypeStruct((x.shape[0], self.rows, x.shape[2]), x.dtype)
-        grads = self.launch.call(_input_grads_kernel, "causal_conv_bwd_inputs",
-                                 [self.inputs.seg, weight, d_pre, noisy_d_pre],
-                                 [stream, stream] if write_clean else [stream], length=length,
-                                 handoff_block=handoff_block)
-        return [g[:, :length] for g in grads]
-
-
 def conv_silu_bwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
                   weight: jax.Array, segment_ids: jax.Array, block_size: int | None,
                   d_out: list[jax.Array], norm: HeadNorm | None = None,
@@ -484,8 +531,8 @@ def conv_silu_bwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | No
     the weight's in fp32 (``tiling`` default: ``BWD_TILING``, ``NORM_BWD_TILING`` with
     ``norm``)."""
     handoff = clean is not None
-    backward = _Backward.of(x, context, clean, weight, segment_ids, block_size, norm, split_at,
-                            tiling, interpret)
+    backward = _Stream.of(x, context, clean, weight, segment_ids, block_size, norm, split_at,
+                          _bwd_tiling(tiling, norm), interpret)
     d_pre, d_weight = backward.d_pre(weight, d_out)
     grads = backward.input_grads(weight, d_pre, x.shape[1], write_clean=handoff)
     d_context = _context_grad(d_pre, weight, backward.inputs.seg,
@@ -493,23 +540,65 @@ def conv_silu_bwd(x: jax.Array, context: jax.Array | None, clean: jax.Array | No
     return ConvGrads(grads[0], d_context, grads[1] if handoff else None, d_weight)
 
 
-def conv_silu_bwd_pair(clean: jax.Array, noisy: jax.Array, weight: jax.Array,
-                       segment_ids: jax.Array, block_size: int, d_clean_out: list[jax.Array],
+def _bwd_tiling(tiling: ConvTiling | None, norm: HeadNorm | None) -> ConvTiling:
+    if tiling is not None:
+        return tiling
+    return BWD_TILING if norm is None else NORM_BWD_TILING
+
+
+def _pair_streams(row: jax.Array, weight: jax.Array, segment_ids: jax.Array, block_size: int,
+                  norm: HeadNorm | None, split_at: tuple[int, ...], tiling: ConvTiling,
+                  interpret: bool) -> tuple[_Stream, _Stream]:
+    """The clean and the noisy stream of a FLARE row ``[clean ; noisy]``, read in place when each
+    half is a whole number of runs of tiles, else from a copy with each half so extended."""
+    length = segment_ids.shape[1]
+    if row.shape[1] != 2 * length:
+        raise ValueError(f"a FLARE conv pair's row holds two streams of the segment ids' "
+                         f"{length} positions, got {row.shape[1]} rows")
+    args = (weight, segment_ids)
+    clean = _Stream.of(row, None, None, *args, None, norm, split_at, tiling, interpret)
+    rows = clean.rows
+    if rows != length:
+        row = jnp.concatenate([_extend(row[:, :length], rows), _extend(row[:, length:], rows)],
+                              axis=1)
+        clean = _Stream.of(row, None, None, *args, None, norm, split_at, tiling, interpret)
+    noisy = _Stream.of(row, None, row, *args, block_size, norm, split_at, tiling, interpret,
+                       Offsets(x=rows))
+    return clean, noisy
+
+
+def conv_silu_fwd_pair(row: jax.Array, weight: jax.Array, segment_ids: jax.Array,
+                       block_size: int, norm: HeadNorm | None = None,
+                       split_at: tuple[int, ...] = (), *, tiling: ConvTiling = FWD_TILING,
+                       interpret: bool = False) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Both FLARE streams' convs over the row ``[B, 2T, C] = [clean ; noisy]`` (``segment_ids
+    [B, T]`` of each): :func:`conv_silu_fwd` of the clean half, and of the noisy half with handoff
+    from the clean one, both read in place."""
+    clean, noisy = _pair_streams(row, weight, segment_ids, block_size, norm, split_at, tiling,
+                                 interpret)
+    length = segment_ids.shape[1]
+    return clean.forward(weight, length), noisy.forward(weight, length)
+
+
+def conv_silu_bwd_pair(row: jax.Array, weight: jax.Array, segment_ids: jax.Array,
+                       block_size: int, d_clean_out: list[jax.Array],
                        d_noisy_out: list[jax.Array], norm: HeadNorm | None = None,
                        split_at: tuple[int, ...] = (), *, tiling: ConvTiling | None = None,
-                       interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gradients ``(d_clean, d_noisy, d_weight)`` of a FLARE pair: :func:`conv_silu_fwd` of the
-    clean stream and of the noisy stream with handoff from it (no context rows). The clean
-    stream's input-gradient kernel also adds the taps of noisy outputs that cross their block
-    start, so its two gradients are summed in the kernel, not written apart and added."""
-    args = (weight, segment_ids)
-    clean_bwd = _Backward.of(clean, None, None, *args, None, norm, split_at, tiling, interpret)
-    noisy_bwd = _Backward.of(noisy, None, clean, *args, block_size, norm, split_at, tiling,
-                             interpret)
-    d_pre_clean, d_weight_clean = clean_bwd.d_pre(weight, d_clean_out)
-    d_pre_noisy, d_weight_noisy = noisy_bwd.d_pre(weight, d_noisy_out)
-    length = clean.shape[1]
-    (d_noisy,) = noisy_bwd.input_grads(weight, d_pre_noisy, length)
-    (d_clean,) = clean_bwd.input_grads(weight, d_pre_clean, length, noisy_d_pre=d_pre_noisy,
-                                       handoff_block=block_size)
-    return d_clean, d_noisy, d_weight_clean + d_weight_noisy
+                       interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Gradients ``(d_row, d_weight)`` of :func:`conv_silu_fwd_pair` for its outputs'
+    cotangents. ``d_row`` is one array: the noisy stream's input-gradient kernel writes its half,
+    then the clean stream's writes the other half in place, adding the taps of noisy outputs that
+    cross their block start (so the clean stream's gradient is not written twice and added)."""
+    clean, noisy = _pair_streams(row, weight, segment_ids, block_size, norm, split_at,
+                                 _bwd_tiling(tiling, norm), interpret)
+    d_pre_clean, d_weight_clean = clean.d_pre(weight, d_clean_out)
+    d_pre_noisy, d_weight_noisy = noisy.d_pre(weight, d_noisy_out)
+    length = segment_ids.shape[1]
+    whole = jax.ShapeDtypeStruct((row.shape[0], 2 * clean.rows, row.shape[2]), row.dtype)
+    (d_noisy,) = noisy.input_grads(weight, d_pre_noisy, length, into=whole)
+    (d_row,) = clean.input_grads(weight, d_pre_clean, length, noisy_d_pre=d_pre_noisy,
+                                 handoff_block=block_size, into=d_noisy)
+    if d_row.shape[1] != row.shape[1]:  # the halves were extended
+        rows = clean.rows
+        d_row = jnp.concatenate([d_row[:, :length], d_row[:, rows:rows + length]], axis=1)
+    return d_row, d_weight_clean + d_weight_noisy

@@ -225,26 +225,37 @@ def two_calls(clean, noisy, weight, segment_ids, block_size, **kw):
 @pytest.mark.parametrize("tiling", [gpu.ConvTiling(16, 16, 4), gpu.ConvTiling(32, 16, 8, 2),
                                     gpu.ConvTiling(16, 16, 4, tiles_per_program=4, num_stages=2)])
 @pytest.mark.parametrize("block_size", [4, 16, 32])
-def test_pair_backward_matches_two_calls(block_size, tiling):
-    """The pair's backward kernels (interpret mode; normalised heads, three parts; blocks smaller
-    than, equal to and larger than the tile) against autodiff of two reference calls: the clean
-    stream's gradient holds the noisy outputs' handoff taps, the noisy stream's does not."""
-    clean, noisy, weight, cot_clean, cot_noisy, segment_ids = pair_case()
+@pytest.mark.parametrize("length", [64, 70])
+def test_pair_kernels_match_two_calls(length, block_size, tiling):
+    """The pair's kernels (interpret mode; normalised heads, three parts; blocks smaller than,
+    equal to and larger than the tile) over the packed row ``[clean ; noisy]``, read in place
+    (64 positions: whole runs of tiles) or through a copy with each half extended (70), against
+    two reference calls and their autodiff: the clean half's gradient holds the noisy outputs'
+    handoff taps, the noisy half's does not."""
+    clean, noisy, weight, cot_clean, cot_noisy, segment_ids = pair_case(length)
+    row = jnp.concatenate([clean, noisy], axis=1)
     norm, split_at = reference.HeadNorm(16, jnp.int32(32)), (16, 32)
-    d_clean, d_noisy, d_weight = gpu.conv_silu_bwd_pair(
-        clean, noisy, weight, segment_ids, block_size, jnp.split(cot_clean, split_at, axis=-1),
+    outs = gpu.conv_silu_fwd_pair(row, weight, segment_ids, block_size, norm, split_at,
+                                  tiling=tiling, interpret=True)
+    d_row, d_weight = gpu.conv_silu_bwd_pair(
+        row, weight, segment_ids, block_size, jnp.split(cot_clean, split_at, axis=-1),
         jnp.split(cot_noisy, split_at, axis=-1), norm, split_at, tiling=tiling, interpret=True)
+
+    expected = two_calls(clean, noisy, weight, segment_ids, block_size, norm=norm)
+    for name, parts, want in zip(("clean", "noisy"), outs, expected, strict=True):
+        np.testing.assert_allclose(jnp.concatenate(parts, axis=-1), want, err_msg=name, **TOL)
 
     def loss(clean, noisy, weight, with_noisy=True):
         out_clean, out_noisy = two_calls(clean, noisy, weight, segment_ids, block_size, norm=norm)
         return jnp.sum(out_clean * cot_clean) + with_noisy * jnp.sum(out_noisy * cot_noisy)
 
-    want = jax.grad(loss, (0, 1, 2))(clean, noisy, weight)
-    for name, got, expected in zip(("clean", "noisy", "weight"), (d_clean, d_noisy, d_weight),
-                                   want, strict=True):
-        np.testing.assert_allclose(got, expected, err_msg=name, **TOL)
+    d_clean, d_noisy, want_weight = jax.grad(loss, (0, 1, 2))(clean, noisy, weight)
+    assert d_row.shape == row.shape
+    np.testing.assert_allclose(d_row[:, :length], d_clean, err_msg="clean", **TOL)
+    np.testing.assert_allclose(d_row[:, length:], d_noisy, err_msg="noisy", **TOL)
+    np.testing.assert_allclose(d_weight, want_weight, err_msg="weight", **TOL)
     clean_only = jax.grad(loss)(clean, noisy, weight, False)
-    assert not np.allclose(d_clean, clean_only, **TOL)  # the handoff taps were added
+    assert not np.allclose(d_row[:, :length], clean_only, **TOL)  # the handoff taps were added
 
 
 @pytest.mark.parametrize("split_at", [None, (16, 32)])
@@ -255,7 +266,8 @@ def test_pair_through_the_public_function(split_at):
     norm = reference.HeadNorm(16, 32)
 
     def loss(backend, clean, noisy, weight):
-        outs = causal_conv_silu_pair(clean, noisy, weight, segment_ids, block_size=8, norm=norm,
+        row = jnp.concatenate([clean, noisy], axis=1)
+        outs = causal_conv_silu_pair(row, weight, segment_ids, block_size=8, norm=norm,
                                      split_at=split_at, backend=backend)
         if split_at is not None:
             outs = tuple(jnp.concatenate(parts, axis=-1) for parts in outs)
@@ -270,26 +282,32 @@ def test_pair_through_the_public_function(split_at):
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, **TOL)
     with pytest.raises(ValueError, match="needs a positive block_size, got 0"):
-        causal_conv_silu_pair(clean, noisy, weight, segment_ids, block_size=0)
+        causal_conv_silu_pair(clean, weight, segment_ids, block_size=0)
+    with pytest.raises(ValueError, match=r"row must be \[B, 2T, C\] for segment_ids"):
+        causal_conv_silu_pair(clean, weight, segment_ids, block_size=8)
 
 
 def test_pair_lowers_to_six_triton_kernels():
     """The pair through its custom VJP, lowered for CUDA: two forward kernels, then a ``d_pre``
-    and an input-gradient kernel per stream; no other kernel writes a clean-stream gradient."""
-    x = jnp.zeros((2, 64, 256), jnp.bfloat16)
+    and an input-gradient kernel per stream, the second writing into the first's output (aliased);
+    the row's halves are read in place (no slice or concatenation of them)."""
+    row = jnp.zeros((2, 128, 256), jnp.bfloat16)
     weight = jnp.zeros((KERNEL, 256))
     segment_ids = jnp.zeros((2, 64), jnp.int32)
 
-    def grads(clean, noisy, weight):
-        def loss(clean, noisy, weight):
-            parts = causal_conv_silu_pair(clean, noisy, weight, segment_ids, block_size=32,
+    def grads(row, weight):
+        def loss(row, weight):
+            parts = causal_conv_silu_pair(row, weight, segment_ids, block_size=32,
                                           norm=reference.HeadNorm(64, 128), split_at=(64, 128),
                                           backend="gpu")
             return sum(jnp.sum(p.astype(jnp.float32)) for out in parts for p in out)
-        return jax.grad(loss, (0, 1, 2))(clean, noisy, weight)
+        return jax.grad(loss, (0, 1))(row, weight)
 
-    text = jax.jit(grads).trace(x, x, weight).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(grads).trace(row, weight).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 6
+    assert text.count("output_operand_aliases") == 1
+    # neither half is copied out of the row, nor are the halves' gradients concatenated
+    assert "-> tensor<2x64x256xbf16>" not in text
 
 
 def test_handoff_without_block_size_is_an_error():
