@@ -151,23 +151,23 @@ class _Tile:
         """Padded segment ids (``K - 1`` rows before the row) from row ``t0 + shift``."""
         return self.seg_ref[self.b, pl.ds(self.t0 + shift, self.block_t)]
 
-    def behind(self, ref, head_ref, back: int, offset: int) -> jax.Array:
-        """Rows ``t0 - back + [0, BLOCK_T)`` of the stream that starts at row ``offset`` of
+    def behind(self, ref, head_ref, back: int, start: int) -> jax.Array:
+        """Rows ``t0 - back + [0, BLOCK_T)`` of the stream that starts at row ``start`` of
         ``ref``; the first tile reads them from ``head_ref`` (the context rows, then the first
         tile's inputs)."""
         if back == 0:
-            return self.rows(ref, offset)
+            return self.rows(ref, start)
         return jax.lax.cond(
             self.t0 == 0,
             lambda: head_ref[self.b, pl.ds(self.pad - back, self.block_t), self.cs],
-            lambda: self.rows(ref, offset - back))
+            lambda: self.rows(ref, start - back))
 
     def crosses_block(self, positions: jax.Array, back: int) -> jax.Array | None:
         """Whether tap ``back`` of the outputs at ``positions`` reaches before their block (None
         without handoff)."""
         if not self.block_size or back == 0:
             return None
-        return (positions % self.block_size < back)[:, None]
+        return _crosses_block(positions, back, self.block_size)
 
     def taps(self, rows: _Rows) -> list[jax.Array]:
         """The masked fp32 taps ``j = 0..K-1`` of the tile's outputs."""
@@ -175,10 +175,10 @@ class _Tile:
         outputs = self.t0 + jnp.arange(self.block_t)
         taps = []
         for back in range(self.pad + 1):
-            tap = self.behind(rows.x, rows.x_head, back, rows.offsets.x)
+            tap = self.behind(rows.x, rows.x_head, back, rows.start)
             crosses = self.crosses_block(outputs, back) if rows.clean is not None else None
             if crosses is not None:
-                clean = self.behind(rows.clean, rows.clean_head, back, rows.offsets.clean)
+                clean = self.behind(rows.clean, rows.clean_head, back, 0)
                 tap = jnp.where(crosses, clean, tap)
             same_doc = (self.segs(self.pad - back) == own)[:, None]
             taps.append(jnp.where(same_doc, tap.astype(F32), 0.0))
@@ -194,39 +194,35 @@ class _Tile:
         return self.c0 < end_ref[0]
 
 
+def _crosses_block(positions: jax.Array, back: int, block_size: int) -> jax.Array:
+    """``[n, 1]``: whether tap ``back`` of the outputs at ``positions`` reaches before the start of
+    their block of ``block_size``."""
+    return (positions % block_size < back)[:, None]
+
+
 def _l2_normalize(y: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(y / |y|, 1 / |y|)`` of every row of a tile (one head per row), fp32."""
     inv = jax.lax.rsqrt(jnp.sum(y * y, axis=1, keepdims=True) + L2_EPS)
     return y * inv, inv
 
 
-class Offsets(NamedTuple):
-    """First rows of the streams in the kernels' arrays: of the conv's inputs ``x`` (and of their
-    gradient) and of the clean stream of a handoff. Nonzero where both FLARE streams are halves of
-    one ``[clean ; noisy]`` row (:func:`conv_silu_fwd_pair`), which the kernels read in place."""
-
-    x: int = 0
-    clean: int = 0
-
-
-OWN_ARRAYS = Offsets()  # every stream from row 0 of arrays of its own
-
-
 class _Rows(NamedTuple):
     """Refs of the conv's inputs: the row and the first tile's copy behind the context rows, the
-    same for the clean stream (None without handoff), and where the streams start in them."""
+    same for the clean stream (None without handoff), and the row's first row in ``x`` (nonzero
+    for the noisy half of a packed ``[clean ; noisy]`` row, :func:`conv_silu_fwd_pair`; the clean
+    stream always starts at row 0 of its array)."""
 
     x: Any
     x_head: Any
     clean: Any
     clean_head: Any
-    offsets: Offsets
+    start: int
 
 
 def _fwd_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref, *out_refs,
-                starts: tuple[int, ...], offsets: Offsets, **shape: int | None):
+                starts: tuple[int, ...], start: int, **shape: int | None):
     """Outputs: one ref per part of the channels (``starts``)."""
-    rows = _Rows(x_ref, x_head, clean_ref, clean_head, offsets)
+    rows = _Rows(x_ref, x_head, clean_ref, clean_head, start)
 
     def step(tile: _Tile, carry: tuple) -> tuple:
         y = jax.nn.silu(tile.pre(tile.taps(rows)))
@@ -240,14 +236,14 @@ def _fwd_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref, *
 
 
 def _d_pre_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref, *refs,
-                  starts: tuple[int, ...], offsets: Offsets, **shape: int | None):
+                  starts: tuple[int, ...], start: int, **shape: int | None):
     """``d_pre`` of the program's outputs (fp32) and their weight-gradient partial sum; through
     the l2 normalisation of the tile's head where it is normalised. ``refs``: the output
     cotangent, one ref per part of the channels (``starts``), then ``d_pre`` and the partial
     sums."""
     *dy_refs, dpre_ref, dw_ref = refs
     program = _Tile(w_ref, seg_ref, **shape)
-    rows = _Rows(x_ref, x_head, clean_ref, clean_head, offsets)
+    rows = _Rows(x_ref, x_head, clean_ref, clean_head, start)
 
     def step(tile: _Tile, sums: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         taps = tile.taps(rows)
@@ -269,9 +265,9 @@ def _d_pre_kernel(x_ref, x_head, clean_ref, clean_head, seg_ref, w_ref, end_ref,
 
 def _input_grads_kernel(seg_ref, w_ref, dpre_ref, noisy_dpre_ref, _written_ref, dx_ref,
                         dclean_ref=None, *, length: int, handoff_block: int | None = None,
-                        dx_offset: int = 0, **shape: int | None):
+                        start: int = 0, **shape: int | None):
     """Gradients of the tile's inputs ``q``: tap ``j`` of output ``q + j`` read them; stored from
-    row ``dx_offset`` of ``dx_ref`` (``_written_ref``: the same array as an aliased input, when
+    row ``start`` of ``dx_ref`` (``_written_ref``: the same array as an aliased input, when
     another stream's kernel has written the rest of it; not read).
 
     In the FLARE handoff (the launch's ``block_size``) taps that cross their output's block start
@@ -296,11 +292,11 @@ def _input_grads_kernel(seg_ref, w_ref, dpre_ref, noisy_dpre_ref, _written_ref, 
                 grad = jnp.where(crosses, 0.0, grad)
             d_x = d_x + grad
             if noisy_dpre_ref is not None and back > 0:
-                reads_clean = valid & (readers % handoff_block < back)[:, None]
+                reads_clean = valid & _crosses_block(readers, back, handoff_block)
                 rows = noisy_dpre_ref.at[tile.b, pl.ds(tile.t0 + back, tile.block_t), tile.cs]
                 mask = jnp.broadcast_to(reads_clean, (tile.block_t, tile.block_c))
                 d_x = d_x + plgpu.load(rows, mask=mask, other=0.0) * weight
-        tile.store(dx_ref, d_x, dx_offset)
+        tile.store(dx_ref, d_x, start)
         if dclean_ref is not None:
             tile.store(dclean_ref, d_clean)
         return carry
@@ -379,9 +375,8 @@ class _Inputs(NamedTuple):
     @classmethod
     def of(cls, x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
            segment_ids: jax.Array, rows: int, block_t: int, pad: int,
-           offsets: Offsets = OWN_ARRAYS) -> _Inputs:
-        """``x`` and ``clean`` hold their streams from rows ``offsets`` (then on whole runs of
-        tiles already)."""
+           start: int = 0) -> _Inputs:
+        """``x`` holds the row from row ``start`` (then on whole runs of tiles already)."""
         batch, _, channels = x.shape
         zeros = jnp.zeros((batch, pad, channels), x.dtype)
         x, clean = _extend(x, rows), _extend(clean, rows)
@@ -390,8 +385,8 @@ class _Inputs(NamedTuple):
             return jnp.concatenate([before.astype(a.dtype), a[:, offset:offset + block_t]], axis=1)
 
         seg = padded_segments(segment_ids, pad)
-        return cls(x, head(x, zeros if context is None else context, offsets.x), clean,
-                   None if clean is None else head(clean, zeros, offsets.clean),
+        return cls(x, head(x, zeros if context is None else context, start), clean,
+                   None if clean is None else head(clean, zeros, 0),
                    _extend(seg.astype(jnp.int32), rows + 2 * pad, NO_SEGMENT))
 
 
@@ -417,23 +412,23 @@ class _Stream(NamedTuple):
     inputs: _Inputs
     starts: tuple[int, ...]
     norm: HeadNorm | None
-    offsets: Offsets
+    start: int
 
     @classmethod
     def of(cls, x: jax.Array, context: jax.Array | None, clean: jax.Array | None,
            weight: jax.Array, segment_ids: jax.Array, block_size: int | None,
            norm: HeadNorm | None, split_at: tuple[int, ...], tiling: ConvTiling,
-           interpret: bool, offsets: Offsets = OWN_ARRAYS) -> _Stream:
-        """The stream of ``segment_ids``' length from row ``offsets.x`` of ``x`` (and, in a
-        handoff, ``offsets.clean`` of ``clean``)."""
+           interpret: bool, start: int = 0) -> _Stream:
+        """The stream of ``segment_ids``' length from row ``start`` of ``x`` (and, in a handoff,
+        from row 0 of ``clean``)."""
         batch, length = segment_ids.shape
         stream = jax.ShapeDtypeStruct((batch, length, x.shape[2]), x.dtype)
         launch = _Launch.of(stream, weight, block_size, clean is not None, tiling, interpret, norm)
         rows = launch.tiles * tiling.block_t
         inputs = _Inputs.of(x, context, clean, segment_ids, rows, tiling.block_t,
-                            weight.shape[0] - 1, offsets)
+                            weight.shape[0] - 1, start)
         return cls(launch, inputs, _starts(x.shape[2], split_at, launch.static["block_c"]), norm,
-                   offsets)
+                   start)
 
     @property
     def rows(self) -> int:
@@ -448,7 +443,7 @@ class _Stream(NamedTuple):
             _fwd_kernel, "causal_conv_fwd", [*self.inputs, weight, _end(self.norm)],
             [jax.ShapeDtypeStruct((x.shape[0], self.rows, b - a), x.dtype)
              for a, b in zip(self.starts, ends, strict=True)],
-            starts=self.starts, offsets=self.offsets)
+            starts=self.starts, start=self.start)
         return [out[:, :length] for out in outs]
 
     def d_pre(self, weight: jax.Array, d_out: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -465,7 +460,7 @@ class _Stream(NamedTuple):
             _d_pre_kernel, "causal_conv_bwd_d_pre",
             [*self.inputs, weight, _end(self.norm), *(_extend(d, self.rows) for d in d_out)],
             [d_pre_shape, d_weight_shape], [pl.no_block_spec, d_weight_spec], starts=self.starts,
-            offsets=self.offsets)
+            start=self.start)
         return d_pre, jnp.sum(d_weight, axis=(0, 1))
 
     def input_grads(self, weight: jax.Array, d_pre: jax.Array, length: int, *,
@@ -476,7 +471,7 @@ class _Stream(NamedTuple):
         ``[B, length, C]`` in the row's dtype (see :func:`_input_grads_kernel`).
 
         ``into``: the gradient of the whole array the stream's inputs are rows of (from
-        ``offsets.x``), returned whole: its shape, for the first stream's kernel to allocate, or
+        ``start``), returned whole: its shape, for the first stream's kernel to allocate, or
         the array another stream's kernel returned, written in place (its other rows kept)."""
         x = self.inputs.x
         stream = jax.ShapeDtypeStruct((x.shape[0], self.rows, x.shape[2]), x.dtype)
@@ -485,7 +480,7 @@ class _Stream(NamedTuple):
         grads = self.launch.call(_input_grads_kernel, "causal_conv_bwd_inputs",
                                  [self.inputs.seg, weight, d_pre, noisy_d_pre, written],
                                  [target, stream] if write_clean else [target], length=length,
-                                 handoff_block=handoff_block, dx_offset=self.offsets.x,
+                                 handoff_block=handoff_block, start=self.start,
                                  aliased_input=None if written is None else 4)
         return grads if into is not None else [g[:, :length] for g in grads]
 
@@ -563,7 +558,7 @@ def _pair_streams(row: jax.Array, weight: jax.Array, segment_ids: jax.Array, blo
                               axis=1)
         clean = _Stream.of(row, None, None, *args, None, norm, split_at, tiling, interpret)
     noisy = _Stream.of(row, None, row, *args, block_size, norm, split_at, tiling, interpret,
-                       Offsets(x=rows))
+                       start=rows)
     return clean, noisy
 
 
