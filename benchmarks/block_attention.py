@@ -6,6 +6,7 @@ Peers: plain causal attention over 2L tokens (our kernel with a causal layout, a
 (median) and ratios; peers that fail or run out of memory are reported as such.
 
     python benchmarks/block_attention.py --lengths 4096 8192 32768 [--check] [--decode] [--sweep L]
+        [--orders L]
 """
 
 from __future__ import annotations
@@ -203,10 +204,16 @@ DQ_SWEEP = (T(128, 32, 8, 1), T(128, 32, 8, 2), T(128, 32, 8, 3), T(128, 32, 4, 
 DKV_SWEEP = (T(128, 32, 8, 1), T(128, 32, 8, 2), T(128, 32, 8, 3), T(128, 32, 4, 2),
              T(64, 64, 8, 1), T(64, 64, 8, 2), T(64, 64, 4, 2), T(64, 32, 4, 2),
              T(32, 64, 4, 2), T(128, 64, 8, 1), T(64, 128, 8, 1))
+TILE_SWEEP = (FWD_SWEEP, {"dq_tiling": DQ_SWEEP, "dkv_tiling": DKV_SWEEP})
+# Launch orders of the D=256 defaults: how many (batch, head) rows take each tile side by side.
+ORDER_SWEEP = ([T(128, 64, 8, 2, n) for n in (1, 2, 4, 8)],
+               {"dq_tiling": [T(64, 64, 4, 2, n) for n in (1, 2, 4, 8, 16)],
+                "dkv_tiling": [T(128, 64, 8, 1, n) for n in (1, 2, 4, 8)]})
 
 
-def sweep_tiles(length: int, args) -> None:
-    """Forward, and backward with one kernel's tiling varied, per candidate on the FLARE row."""
+def sweep_tiles(length: int, args, candidates: tuple) -> None:
+    """Forward, and backward with one kernel's tiling varied, per candidate on the FLARE row
+    (``candidates``: forward tilings and, per backward kernel, its tilings)."""
     shape_q = (args.batch, 2 * length, args.heads, args.head_dim)
     shape_kv = (args.batch, 2 * length, args.kv_heads, args.head_dim)
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -219,11 +226,12 @@ def sweep_tiles(length: int, args) -> None:
     print(f"tile sweep at B={args.batch}, L={length}, D={d} (defaults fwd {gpu.FWD_TILES.get(d)}, "
           f"dq {gpu.DQ_TILES.get(d)}, dkv {gpu.DKV_TILES.get(d)})")
     res: dict = {}
-    for tiling in FWD_SWEEP:
+    fwd_candidates, bwd_candidates = candidates
+    for tiling in fwd_candidates:
         fwd = functools.partial(gpu.forward, scale=scale, tiling=tiling)
         measure(f"fwd {tuple(tiling)}", fwd, (q, k, v, layout, layout), args.iters, res)
     bwd_args = (q, k, v, layout, layout, out, lse, d_out)
-    for name, sweep in (("dq_tiling", DQ_SWEEP), ("dkv_tiling", DKV_SWEEP)):
+    for name, sweep in bwd_candidates.items():
         for tiling in sweep:
             bwd = functools.partial(gpu.backward, scale=scale, **{name: tiling})
             measure(f"bwd {name} {tuple(tiling)}", bwd, bwd_args, args.iters, res)
@@ -243,6 +251,8 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="compiled vs reference first")
     parser.add_argument("--decode", action="store_true", help="also time the denoise shape")
     parser.add_argument("--sweep", type=int, default=0, help="L of a tile-shape sweep (0: none)")
+    parser.add_argument("--orders", type=int, default=0,
+                        help="L of a sweep of the kernels' launch orders (0: none)")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; H={args.heads} "
           f"Hkv={args.kv_heads} D={args.head_dim} block={args.block_size}", flush=True)
@@ -252,7 +262,9 @@ def main() -> None:
     if args.decode:
         bench_denoise(args)
     if args.sweep:
-        sweep_tiles(args.sweep, args)
+        sweep_tiles(args.sweep, args, TILE_SWEEP)
+    if args.orders:
+        sweep_tiles(args.orders, args, ORDER_SWEEP)
 
 
 if __name__ == "__main__":

@@ -29,22 +29,67 @@ ALL = slice(None)
 
 
 class Tiling(NamedTuple):
-    """Tile shape (query and key tokens per tile) and Triton launch parameters of one kernel."""
+    """Tile shape (query and key tokens per tile), Triton launch parameters and launch order of one
+    kernel: ``side_by_side`` grid rows (batch, head) take each tile together (:class:`_Schedule`;
+    lowered to a divisor of the row count)."""
 
     block_q: int
     block_k: int
     num_warps: int = 8
     num_stages: int = 2
+    side_by_side: int = 1
+
+
+class _Schedule(NamedTuple):
+    """The order in which a kernel's programs over ``(tile, batch, head)`` start.
+
+    The GPU starts programs in grid order (axis 0 fastest) and the last ones started set the
+    kernel's tail, so the costliest tiles go first: under causal-like masks a late query tile
+    sees the most keys (``descending``) and an early key tile is seen by the most queries.
+    ``side_by_side`` consecutive rows ``batch * heads + head`` take each tile together, so that
+    a row's first (costliest) programs do not all start after the previous rows' cheap ones.
+    """
+
+    tiles: int
+    batch: int
+    heads: int
+    side_by_side: int
+    descending: bool
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.side_by_side, self.tiles, self.batch * self.heads // self.side_by_side
+
+    def ids(self, x, t, z) -> tuple:
+        """``(tile, batch, head)`` of grid point ``(x, t, z)``."""
+        row = z * self.side_by_side + x
+        tile = self.tiles - 1 - t if self.descending else t
+        return tile, row // self.heads, row % self.heads
+
+    def program(self) -> tuple:
+        """``(tile, batch, head)`` of the running program."""
+        return self.ids(*(pl.program_id(axis) for axis in range(3)))
+
+    def spec(self, block_shape: tuple, block_index) -> pl.BlockSpec:
+        """A BlockSpec whose ``block_index(tile, batch, head)`` is given in kernel terms."""
+        return pl.BlockSpec(block_shape, lambda x, t, z: block_index(*self.ids(x, t, z)))
+
+
+def _schedule(tiling: Tiling, tiles: int, batch: int, heads: int, descending: bool) -> _Schedule:
+    return _Schedule(tiles, batch, heads, math.gcd(tiling.side_by_side, batch * heads), descending)
 
 
 # Per kernel and head dim. D=256: the fastest of `benchmarks/block_attention.py --sweep 4096
 # --batch 4` (the 0.8B train step's FLARE rows) on an H200, backward 7.27 ms at the earlier
 # defaults (dq and dkv both (128, 32, 8 warps, 2 stages)); dkv (128, 64) fits shared memory only
 # at one stage. D<=128: the same accumulator bytes per program (not timed; compiled and checked on
-# the H100 for D=64/128 with fwd (128, 64), dq (128, 64), dkv (64, 128)).
+# the H100 for D=64/128 with fwd (128, 64), dq (128, 64), dkv (64, 128)). Launch order, D=256:
+# dk/dv with 4 (batch, kv head) rows side by side was the fastest of 1/2/4/8 in `--orders 4096`
+# on an H200 (backward 6.21 ms against 6.71 with the rows one after another); for the query-tile
+# kernels one row at a time, last tiles first, was the fastest, within the sweep's spread.
 FWD_TILES = {64: Tiling(128, 64, 4), 128: Tiling(128, 64), 256: Tiling(128, 64)}
 DQ_TILES = {64: Tiling(128, 64, 4), 128: Tiling(128, 64), 256: Tiling(64, 64, 4)}
-DKV_TILES = {64: Tiling(128, 64, 4), 128: Tiling(128, 64), 256: Tiling(128, 64, 8, 1)}
+DKV_TILES = {64: Tiling(128, 64, 4), 128: Tiling(128, 64), 256: Tiling(128, 64, 8, 1, 4)}
 
 
 def _metadata(layout: TokenLayout) -> jax.Array:
@@ -83,8 +128,8 @@ def _masked(x: jax.Array, fill: float, partial, qm_ref, q_slice, km_ref, k_slice
 
 
 def _fwd_kernel(lists_ref, partial_ref, counts_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref,
-                lse_ref, *, scale: float, block_k: int):
-    i, b = pl.program_id(0), pl.program_id(1)
+                lse_ref, *, scale: float, block_k: int, schedule: _Schedule):
+    i, b, _ = schedule.program()
     q = q_ref[...]
     block_q, head_dim = q.shape
 
@@ -110,8 +155,8 @@ def _fwd_kernel(lists_ref, partial_ref, counts_ref, q_ref, k_ref, v_ref, qm_ref,
 
 
 def _dq_kernel(lists_ref, partial_ref, counts_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, do_ref,
-               lse_ref, delta_ref, dq_ref, *, scale: float, block_k: int):
-    i, b = pl.program_id(0), pl.program_id(1)
+               lse_ref, delta_ref, dq_ref, *, scale: float, block_k: int, schedule: _Schedule):
+    i, b, _ = schedule.program()
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
 
@@ -128,8 +173,9 @@ def _dq_kernel(lists_ref, partial_ref, counts_ref, q_ref, k_ref, v_ref, qm_ref, 
 
 
 def _dkv_kernel(lists_ref, partial_ref, counts_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, do_ref,
-                lse_ref, delta_ref, dk_ref, dv_ref, *, scale: float, block_q: int, groups: int):
-    j, b = pl.program_id(0), pl.program_id(1)
+                lse_ref, delta_ref, dk_ref, dv_ref, *, scale: float, block_q: int, groups: int,
+                schedule: _Schedule):
+    j, b, _ = schedule.program()
     k, v = k_ref[...], v_ref[...]
 
     def body(t, carry, g):
@@ -169,15 +215,15 @@ def _pad_layouts(q_layout, kv_layout):
 
 
 def _tiling(requested: Tiling | None, table: dict[int, Tiling], head_dim: int, seq_q: int,
-            seq_k: int) -> tuple[int, int, plgpu.CompilerParams]:
-    """``(block_q, block_k, compiler params)`` of one kernel: requested or tabled, the tiles shrunk
-    to fit the (padded) sequences."""
+            seq_k: int) -> tuple[int, int, plgpu.CompilerParams, Tiling]:
+    """``(block_q, block_k, compiler params, tiling)`` of one kernel: requested or tabled, the
+    tiles shrunk to fit the (padded) sequences."""
     tiling = requested or table.get(head_dim, Tiling(64, 64, 4 if head_dim <= 64 else 8))
     for block in tiling[:2]:
         if block != pl.next_power_of_2(block) or not MIN_TILE <= block <= MAX_TILE:
             raise ValueError(f"tile sizes must be powers of two in [16, 128], got {block}")
     params = plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
-    return _tile(seq_q, tiling.block_q), _tile(seq_k, tiling.block_k), params
+    return _tile(seq_q, tiling.block_q), _tile(seq_k, tiling.block_k), params, tiling
 
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
@@ -192,18 +238,19 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
     groups = heads // k.shape[2]
     q_layout, kv_layout = _pad_layouts(q_layout, kv_layout)
     tq, tk = q_layout.shape[1], kv_layout.shape[1]
-    bq, bk, params = _tiling(tiling, FWD_TILES, head_dim, seq_q, k.shape[1])
+    bq, bk, params, tiling = _tiling(tiling, FWD_TILES, head_dim, seq_q, k.shape[1])
     lists = tiles.tile_lists(*tiles.tile_visibility(q_layout, kv_layout, bq, bk))
-    kv_spec = pl.BlockSpec((None, tk, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0))
-    q_spec = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+    order = _schedule(tiling, tq // bq, batch, heads, descending=True)
+    kv_spec = order.spec((None, tk, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0))
+    q_spec = order.spec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
     out, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, scale=scale, block_k=bk),
-        grid=(tq // bq, batch, heads),
+        functools.partial(_fwd_kernel, scale=scale, block_k=bk, schedule=order),
+        grid=order.grid,
         in_specs=[pl.no_block_spec] * 3 + [
             q_spec, kv_spec, kv_spec,
-            pl.BlockSpec((None, 4, bq), lambda i, b, h: (b, 0, i)),
-            pl.BlockSpec((None, 4, tk), lambda i, b, h: (b, 0, 0))],
-        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
+            order.spec((None, 4, bq), lambda i, b, h: (b, 0, i)),
+            order.spec((None, 4, tk), lambda i, b, h: (b, 0, 0))],
+        out_specs=[q_spec, order.spec((None, None, bq), lambda i, b, h: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct((batch, tq, heads, head_dim), q.dtype),
                    jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32)],
         compiler_params=params,
@@ -236,18 +283,19 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
     kp, vp = _pad_tokens(k, tk), _pad_tokens(v, tk)
     q_meta, kv_meta = _metadata(q_layout), _metadata(kv_layout)
 
-    bq, bk, params = _tiling(dq_tiling, DQ_TILES, head_dim, seq_q, seq_k)
+    bq, bk, params, tiling = _tiling(dq_tiling, DQ_TILES, head_dim, seq_q, seq_k)
     lists = tiles.tile_lists(*tiles.tile_visibility(q_layout, kv_layout, bq, bk))
-    q_spec = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
-    kv_spec = pl.BlockSpec((None, tk, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0))
-    stat_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    order = _schedule(tiling, tq // bq, batch, heads, descending=True)
+    q_spec = order.spec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+    kv_spec = order.spec((None, tk, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0))
+    stat_spec = order.spec((None, None, bq), lambda i, b, h: (b, h, i))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, scale=scale, block_k=bk),
-        grid=(tq // bq, batch, heads),
+        functools.partial(_dq_kernel, scale=scale, block_k=bk, schedule=order),
+        grid=order.grid,
         in_specs=[pl.no_block_spec] * 3 + [
             q_spec, kv_spec, kv_spec,
-            pl.BlockSpec((None, 4, bq), lambda i, b, h: (b, 0, i)),
-            pl.BlockSpec((None, 4, tk), lambda i, b, h: (b, 0, 0)),
+            order.spec((None, 4, bq), lambda i, b, h: (b, 0, i)),
+            order.spec((None, 4, tk), lambda i, b, h: (b, 0, 0)),
             q_spec, stat_spec, stat_spec],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
@@ -256,22 +304,22 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_layout: TokenLayout,
         name="block_attention_dq",
     )(*lists, qp, kp, vp, q_meta, kv_meta, dop, lse, delta)
 
-    bq, bk, params = _tiling(dkv_tiling, DKV_TILES, head_dim, seq_q, seq_k)
+    bq, bk, params, tiling = _tiling(dkv_tiling, DKV_TILES, head_dim, seq_q, seq_k)
     maybe, full = tiles.tile_visibility(q_layout, kv_layout, bq, bk)
     lists = tiles.tile_lists(jnp.swapaxes(maybe, 1, 2), jnp.swapaxes(full, 1, 2))
+    order = _schedule(tiling, tk // bk, batch, kv_heads, descending=False)
     grouped = lambda x: x.reshape(batch, tq, kv_heads, groups, head_dim)
-    grouped_spec = pl.BlockSpec((None, tq, None, groups, head_dim),
-                                lambda j, b, h: (b, 0, h, 0, 0))
+    grouped_spec = order.spec((None, tq, None, groups, head_dim), lambda j, b, h: (b, 0, h, 0, 0))
     grouped_stat = lambda x: x.reshape(batch, kv_heads, groups, tq)
-    grouped_stat_spec = pl.BlockSpec((None, None, groups, tq), lambda j, b, h: (b, h, 0, 0))
-    k_spec = pl.BlockSpec((None, bk, None, head_dim), lambda j, b, h: (b, j, h, 0))
+    grouped_stat_spec = order.spec((None, None, groups, tq), lambda j, b, h: (b, h, 0, 0))
+    k_spec = order.spec((None, bk, None, head_dim), lambda j, b, h: (b, j, h, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=scale, block_q=bq, groups=groups),
-        grid=(tk // bk, batch, kv_heads),
+        functools.partial(_dkv_kernel, scale=scale, block_q=bq, groups=groups, schedule=order),
+        grid=order.grid,
         in_specs=[pl.no_block_spec] * 3 + [
             grouped_spec, k_spec, k_spec,
-            pl.BlockSpec((None, 4, tq), lambda j, b, h: (b, 0, 0)),
-            pl.BlockSpec((None, 4, bk), lambda j, b, h: (b, 0, j)),
+            order.spec((None, 4, tq), lambda j, b, h: (b, 0, 0)),
+            order.spec((None, 4, bk), lambda j, b, h: (b, 0, j)),
             grouped_spec, grouped_stat_spec, grouped_stat_spec],
         out_specs=[k_spec, k_spec],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype),

@@ -100,6 +100,39 @@ def test_training_rows_small_tiles_match_reference(backend):
         np.testing.assert_allclose(g, r, **TOL, err_msg=f"d{name}")
 
 
+def test_gpu_launch_order_does_not_change_results():
+    """Every launch order (rows side by side: 1, 2, all 8; 3 falls back to a divisor) gives the
+    kernels' results bit for bit: each program computes the same tile whatever starts first."""
+    layout = stack_rows(flare_row([37, 50, 13], block_size=8), packed_causal([30, 120, 50]))
+    q, k, v = batch_qkv(11, 2, 200, 200, hq=4, hkv=2, d=16)
+    d_out = jnp.asarray(np.random.default_rng(4).standard_normal(q.shape, np.float32))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(side_by_side: int):
+        fwd, dq, dkv = (gpu.Tiling(*tile, side_by_side=side_by_side)
+                        for tile in ((16, 32), (16, 32), (32, 16)))
+        out, lse = gpu.forward(q, k, v, layout, layout, scale=0.3, interpret=True, tiling=fwd)
+        return (out, *gpu.backward(q, k, v, layout, layout, out, lse, d_out, scale=0.3,
+                                   interpret=True, dq_tiling=dq, dkv_tiling=dkv))
+
+    first = run(1)
+    for side_by_side in (2, 3, 8):
+        for name, got, want in zip(("out", "dq", "dk", "dv"), run(side_by_side), first, strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=f"{name}, {side_by_side} side by side")
+
+
+def test_gpu_schedule_starts_costliest_tiles_first():
+    """The schedule visits every (tile, batch, head) once; with causal-like masks the first
+    programs are the last query tiles (or the first key tiles) of ``side_by_side`` rows."""
+    order = gpu._Schedule(tiles=5, batch=2, heads=4, side_by_side=4, descending=True)
+    assert order.grid == (4, 5, 2)
+    visits = [order.ids(x, t, z) for z in range(2) for t in range(5) for x in range(4)]
+    assert sorted(visits) == [(i, b, h) for i in range(5) for b in range(2) for h in range(4)]
+    assert visits[:5] == [(4, 0, 0), (4, 0, 1), (4, 0, 2), (4, 0, 3), (3, 0, 0)]
+    keys_first = gpu._Schedule(tiles=5, batch=2, heads=2, side_by_side=2, descending=False)
+    assert [keys_first.ids(x, 0, 1) for x in range(2)] == [(0, 1, 0), (0, 1, 1)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_and_denoise_with_empty_query(backend):
     """Row 0: decode queries vs a part-filled cache; row 1: a noisy block (denoise). GQA 4:1."""
@@ -168,7 +201,7 @@ def test_gpu_kernels_lower_with_their_tilings():
     stages as given (T = 256, 4 heads over 2 kv heads, D 256, bf16)."""
     layout = flare_row([128], block_size=32)
     q, k, v = (x.astype(jnp.bfloat16) for x in qkv(0, 256, 256, hq=4, hkv=2, d=256))
-    fwd, dq, dkv = gpu.Tiling(128, 64, 8, 3), gpu.Tiling(64, 64, 4, 2), gpu.Tiling(128, 64, 2, 1)
+    fwd, dq, dkv = gpu.Tiling(128, 64, 8, 3), gpu.Tiling(64, 64, 4, 2), gpu.Tiling(128, 64, 2, 1, 2)
 
     def attention(q, k, v):
         out, lse = gpu.forward(q, k, v, layout, layout, scale=0.1, tiling=fwd)
@@ -177,8 +210,9 @@ def test_gpu_kernels_lower_with_their_tilings():
 
     text = jax.jit(attention).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3
-    # grids (tiles, rows, heads): fwd 256/128 query tiles x 4 heads, dq 256/64 x 4, dkv 256/64 x 2
-    for grid, warps, stages in (((2, 1, 4), 8, 3), ((4, 1, 4), 4, 2), ((4, 1, 2), 2, 1)):
+    # grids (rows side by side, tiles, row groups): fwd 256/128 query tiles and dq 256/64 for 4
+    # heads one after another; dkv 256/64 key tiles with its 2 kv heads side by side
+    for grid, warps, stages in (((1, 2, 4), 8, 3), ((1, 4, 4), 4, 2), ((2, 4, 1), 2, 1)):
         x, y, z = grid
         assert text.count(f"grid_x = {x} : i32, grid_y = {y} : i32, grid_z = {z} : i32") == 1
         assert text.count(f"num_stages = {stages} : i32, num_warps = {warps} : i32") == 1, (
