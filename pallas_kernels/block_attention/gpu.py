@@ -75,8 +75,17 @@ class _Schedule(NamedTuple):
         return pl.BlockSpec(block_shape, lambda x, t, z: block_index(*self.ids(x, t, z)))
 
 
+MAX_GRID_YZ = 65535  # CUDA's limit on the second and third grid dimensions
+
+
 def _schedule(tiling: Tiling, tiles: int, batch: int, heads: int, descending: bool) -> _Schedule:
-    return _Schedule(tiles, batch, heads, math.gcd(tiling.side_by_side, batch * heads), descending)
+    order = _Schedule(tiles, batch, heads, math.gcd(tiling.side_by_side, batch * heads),
+                      descending)
+    if max(order.grid[1:]) > MAX_GRID_YZ:
+        raise ValueError(f"GPU block attention launches at most {MAX_GRID_YZ} tiles per row and "
+                         f"{MAX_GRID_YZ} groups of (batch, head) rows, got grid {order.grid} "
+                         f"(batch {batch}, heads {heads}, tiles {tiles}); split the call")
+    return order
 
 
 # Per kernel and head dim. D=256: the fastest of `benchmarks/block_attention.py --sweep 4096

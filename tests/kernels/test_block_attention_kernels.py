@@ -131,6 +131,8 @@ def test_gpu_schedule_starts_costliest_tiles_first():
     assert visits[:5] == [(4, 0, 0), (4, 0, 1), (4, 0, 2), (4, 0, 3), (3, 0, 0)]
     keys_first = gpu._Schedule(tiles=5, batch=2, heads=2, side_by_side=2, descending=False)
     assert [keys_first.ids(x, 0, 1) for x in range(2)] == [(0, 1, 0), (0, 1, 1)]
+    with pytest.raises(ValueError, match="grid"):
+        gpu._schedule(gpu.Tiling(16, 16), tiles=4, batch=70000, heads=1, descending=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
