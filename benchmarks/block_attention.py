@@ -206,9 +206,9 @@ DKV_SWEEP = (T(128, 32, 8, 1), T(128, 32, 8, 2), T(128, 32, 8, 3), T(128, 32, 4,
              T(32, 64, 4, 2), T(128, 64, 8, 1), T(64, 128, 8, 1))
 TILE_SWEEP = (FWD_SWEEP, {"dq_tiling": DQ_SWEEP, "dkv_tiling": DKV_SWEEP})
 # Launch orders of the D=256 defaults: how many (batch, head) rows take each tile side by side.
-ORDER_SWEEP = ([T(128, 64, 8, 2, n) for n in (1, 2, 4, 8)],
-               {"dq_tiling": [T(64, 64, 4, 2, n) for n in (1, 2, 4, 8, 16)],
-                "dkv_tiling": [T(128, 64, 8, 1, n) for n in (1, 2, 4, 8)]})
+ORDER_SWEEP = ([gpu.FWD_TILES[256]._replace(side_by_side=n) for n in (1, 2, 4, 8)],
+               {"dq_tiling": [gpu.DQ_TILES[256]._replace(side_by_side=n) for n in (1, 2, 4, 8, 16)],
+                "dkv_tiling": [gpu.DKV_TILES[256]._replace(side_by_side=n) for n in (1, 2, 4, 8)]})
 
 
 def sweep_tiles(length: int, args, candidates: tuple) -> None:

@@ -544,12 +544,10 @@ def _bwd_tiling(tiling: ConvTiling | None, norm: HeadNorm | None) -> ConvTiling:
 def _pair_streams(row: jax.Array, weight: jax.Array, segment_ids: jax.Array, block_size: int,
                   norm: HeadNorm | None, split_at: tuple[int, ...], tiling: ConvTiling,
                   interpret: bool) -> tuple[_Stream, _Stream]:
-    """The clean and the noisy stream of a FLARE row ``[clean ; noisy]``, read in place when each
-    half is a whole number of runs of tiles, else from a copy with each half so extended."""
+    """The clean and the noisy stream of a FLARE row ``[clean ; noisy]`` (its shape checked by
+    ``api.causal_conv_silu_pair``), read in place when each half is a whole number of runs of
+    tiles, else from a copy with each half so extended."""
     length = segment_ids.shape[1]
-    if row.shape[1] != 2 * length:
-        raise ValueError(f"a FLARE conv pair's row holds two streams of the segment ids' "
-                         f"{length} positions, got {row.shape[1]} rows")
     args = (weight, segment_ids)
     clean = _Stream.of(row, None, None, *args, None, norm, split_at, tiling, interpret)
     rows = clean.rows
