@@ -11,7 +11,7 @@ from flare_jax import ops
 from flare_jax.config import ModelConfig
 from flare_jax.model.cache import LinearCache, LinearPending
 from flare_jax.model.conv import conv_window
-from flare_jax.model.layers import Dense, Dtype, GatedRMSNorm, project_named
+from flare_jax.model.layers import Dense, Dtype, GatedRMSNorm
 from pallas_kernels.gated_delta.api import GatedDeltaInputs
 
 
@@ -55,10 +55,8 @@ class GatedDeltaNet(nnx.Module):
     def _gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The decay ``g`` and the write strength ``beta`` of every token of ``x``, ``[B, T, Hv]``
         fp32."""
-        # b and a as one matmul (kernels stacked [hidden, 2, Hv]): one pass over x.
-        kernel = jnp.stack([self.in_proj_b.kernel[...], self.in_proj_a.kernel[...]], axis=1)
-        b_a = project_named(x, kernel, self.dtype).astype(jnp.float32)
-        beta, a = jax.nn.sigmoid(b_a[..., 0, :]), b_a[..., 1, :]
+        beta = jax.nn.sigmoid(self.in_proj_b(x).astype(jnp.float32))
+        a = self.in_proj_a(x).astype(jnp.float32)
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
             a + self.dt_bias[...].astype(jnp.float32))
         return g, beta

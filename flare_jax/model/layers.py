@@ -21,18 +21,18 @@ def matmul_precision(dtype: Dtype) -> jax.lax.Precision:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def project(x: jax.Array, kernel: jax.Array, precision: jax.lax.Precision) -> jax.Array:
-    """``x [..., in] @ kernel [in, *out] -> [..., *out]`` in ``x``'s dtype (both operands in it),
-    accumulated in fp32 and rounded once. Its backward keeps the compute dtype too: ``dx = g
-    kernel^T`` and ``dkernel = x^T g`` take the cotangent ``g`` (already in ``x``'s dtype) with
-    fp32 accumulation. Autodiff of an fp32-accumulated einsum would instead hand the transposed
-    matmuls an fp32 cotangent next to a bf16 operand, which XLA runs as fp32 matmuls."""
+    """``x [..., in] @ kernel [in, out]`` in ``x``'s dtype (both operands in it), accumulated in
+    fp32 and rounded once. Its backward keeps the compute dtype too: ``dx = g kernel^T`` and
+    ``dkernel = x^T g`` take the cotangent ``g`` (already in ``x``'s dtype) with fp32
+    accumulation. Autodiff of an fp32-accumulated einsum would instead hand the transposed matmuls
+    an fp32 cotangent next to a bf16 operand, which XLA runs as fp32 matmuls."""
     return _project_fwd(x, kernel, precision)[0]
 
 
 def _project_fwd(x: jax.Array, kernel: jax.Array, precision: jax.lax.Precision
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
-                            preferred_element_type=jnp.float32)
+    y = jnp.einsum("...i,io->...o", x, kernel, preferred_element_type=jnp.float32,
+                   precision=precision)
     return y.astype(x.dtype), (x, kernel)
 
 
@@ -40,12 +40,10 @@ def _project_bwd(precision: jax.lax.Precision, residuals: tuple[jax.Array, jax.A
                  g: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, kernel = residuals
     g = g.astype(x.dtype)
-    lead = x.ndim - 1  # the leading (token) axes of x and g
-    out_axes = tuple(range(1, kernel.ndim))
-    dx = jax.lax.dot_general(g, kernel, ((tuple(range(lead, g.ndim)), out_axes), ((), ())),
-                             precision=precision, preferred_element_type=jnp.float32)
-    dkernel = jax.lax.dot_general(x, g, ((tuple(range(lead)),) * 2, ((), ())),
-                                  precision=precision, preferred_element_type=jnp.float32)
+    dx = jnp.einsum("...o,io->...i", g, kernel, preferred_element_type=jnp.float32,
+                    precision=precision)
+    dkernel = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32,
+                         precision=precision)
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
@@ -64,15 +62,9 @@ class Dense(nnx.Module):
             init_scale * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return project_named(x, self.kernel[...], self.dtype)
-
-
-def project_named(x: jax.Array, kernel: jax.Array, dtype: Dtype) -> jax.Array:
-    """:func:`project` in ``dtype``, its input named :data:`PROJECTION_INPUT` and its output
-    :data:`PROJECTION` (what the remat policies keep)."""
-    x = checkpoint_name(x.astype(dtype), PROJECTION_INPUT)
-    y = project(x, kernel.astype(dtype), matmul_precision(dtype))
-    return checkpoint_name(y, PROJECTION)
+        x = checkpoint_name(x.astype(self.dtype), PROJECTION_INPUT)
+        y = project(x, self.kernel[...].astype(self.dtype), matmul_precision(self.dtype))
+        return checkpoint_name(y, PROJECTION)
 
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
@@ -107,22 +99,14 @@ class GatedRMSNorm(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-    """``down(silu(gate(x)) * up(x))``.
-
-    ``gate`` and ``up`` run as one matmul with their kernels stacked ``[hidden, 2, I]`` (the
-    stack is fused into the kernels' cast to the compute dtype): one pass over ``x`` forward, and
-    backward one ``dx`` matmul over both (no sum of two) and one ``dkernel`` matmul. Stacked on a
-    new axis rather than concatenated, each kernel keeps its sharding of ``I``."""
+    """``down(silu(gate(x)) * up(x))``."""
 
     def __init__(self, hidden: int, intermediate: int, *, dtype: Dtype, param_dtype: Dtype,
                  rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dtype = dtype
         self.gate_proj = Dense(hidden, intermediate, **kw)
         self.up_proj = Dense(hidden, intermediate, **kw)
         self.down_proj = Dense(intermediate, hidden, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = jnp.stack([self.gate_proj.kernel[...], self.up_proj.kernel[...]], axis=1)
-        gate_up = project_named(x, kernel, self.dtype)  # [..., 2, I]
-        return self.down_proj(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
