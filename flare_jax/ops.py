@@ -28,7 +28,7 @@ from pallas_kernels.causal_conv.reference import HeadNorm
 from pallas_kernels.gated_delta import api as gated_delta_api
 from pallas_kernels.gated_delta.api import GatedDeltaInputs
 from pallas_kernels.grouped_matmul import api as grouped_matmul_api
-from pallas_kernels.row_logsumexp import api as row_logsumexp_api
+from pallas_kernels.row_softmax import api as row_softmax_api
 
 BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch
 HEAD_AXES = ("tensor",)  # mesh axes that split attention and linear-attention heads
@@ -227,25 +227,63 @@ def _gated_delta_specs(b, h) -> GatedDeltaInputs:
     return GatedDeltaInputs(heads, heads, heads, P(b, None, h), P(b, None, h))
 
 
-def vocab_logsumexp(logits: jax.Array, *, backend: str = "auto") -> jax.Array:
-    """fp32 ``logsumexp(logits [B, C, V], axis=-1)`` (any float dtype, read once), rows split over
-    the batch axes; with the vocabulary split over the head axes (tensor parallelism), each shard
-    reduces its columns and the shards' results are combined (max, then a sum of ``exp``)."""
+class VocabSoftmax(NamedTuple):
+    """A cross-entropy's softmax terms over logits ``[B, C, V]`` whose vocabulary is split ``S``
+    ways (1 without tensor parallelism): on each shard's columns,
+    ``softmax - onehot(targets) = norm * exp``."""
+
+    exp: jax.Array | None  # [B, C, V]: exp(logits - the shard's row offset), target column replaced
+    norm: jax.Array | None  # [B, C, S] fp32: exp(offset - lse) of each shard
+    lse: jax.Array  # [B, C] fp32
+    target_logit: jax.Array  # [B, C] fp32
+
+
+def vocab_softmax(logits: jax.Array, targets: jax.Array, *, exp_dtype: jnp.dtype | None = None,
+                  backend: str = "auto") -> VocabSoftmax:
+    """The logsumexp and target logit of ``logits [B, C, V]`` (any float dtype, read once) at
+    ``targets [B, C]`` (ids in ``[0, V)``), and with ``exp_dtype`` the gradient terms
+    ``norm * exp = softmax - onehot`` (``exp`` in ``exp_dtype``, written once; its target column
+    formed in fp32). Rows split over the batch axes. With the vocabulary split over the head axes
+    (tensor parallelism) each shard works on its columns, offset by its own row offsets (hence
+    one ``norm`` per shard), and the logsumexps are combined (max, then a sum of ``exp``)."""
     mesh = jax.sharding.get_abstract_mesh()
     vocab_axes = None if mesh.empty else _split_axes(HEAD_AXES, logits.shape[2], mesh)
 
-    def run(logits):
-        rows = logits.reshape(-1, logits.shape[2])
-        lse = row_logsumexp_api.row_logsumexp(rows, backend=backend).reshape(logits.shape[:2])
-        if vocab_axes is None:
-            return lse
-        top = jax.lax.pmax(lse, vocab_axes)
-        return top + jnp.log(jax.lax.psum(jnp.exp(lse - top), vocab_axes))
+    def run(logits: jax.Array, targets: jax.Array) -> VocabSoftmax:
+        batch, chunk, vocab = logits.shape
+        rows = logits.reshape(-1, vocab)
+        first = 0 if vocab_axes is None else jax.lax.axis_index(vocab_axes) * vocab
+        local = targets.reshape(-1) - first
+        owned = (local >= 0) & (local < vocab)
+        picked = jnp.take_along_axis(rows, jnp.where(owned, local, 0)[:, None], axis=1)[:, 0]
+        target = jnp.where(owned, picked.astype(jnp.float32), -jnp.inf)
+        # the target's logit is the offset hint: no overflow where the target is the max
+        terms = row_softmax_api.row_softmax(rows, target, exp_dtype=exp_dtype, backend=backend)
+        lse = terms.lse
+        if vocab_axes is not None:
+            top = jax.lax.pmax(lse, vocab_axes)
+            lse = top + jnp.log(jax.lax.psum(jnp.exp(lse - top), vocab_axes))
+            target = jax.lax.pmax(target, vocab_axes)  # -inf but on the owner
+
+        def shaped(x: jax.Array, *tail: int) -> jax.Array:
+            return x.reshape(batch, chunk, *tail)
+
+        if exp_dtype is None:
+            return VocabSoftmax(None, None, shaped(lse), shaped(target))
+        # softmax - 1 at the target, over norm: exp(x_t - offset) - exp(lse - offset), in fp32
+        offset = terms.offset
+        column = (jnp.exp(target - offset) - jnp.exp(lse - offset)).astype(exp_dtype)
+        exp = terms.exp.at[jnp.arange(rows.shape[0]), jnp.where(owned, local, vocab)].set(
+            column, mode="drop")
+        return VocabSoftmax(shaped(exp, vocab), shaped(jnp.exp(offset - lse), 1), shaped(lse),
+                            shaped(target))
 
     def specs(b, h):
-        return (P(b, None, h),), P(b, None)
+        out = VocabSoftmax(*((P(b, None, h),) * 2 if exp_dtype is not None else (None, None)),
+                           P(b, None), P(b, None))
+        return (P(b, None, h), P(b, None)), out
 
-    return _per_shard(run, logits.shape[0], (logits.shape[2],), specs)(logits)
+    return _per_shard(run, logits.shape[0], (logits.shape[2],), specs)(logits, targets)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,

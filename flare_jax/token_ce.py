@@ -4,14 +4,17 @@ the forward pass.
 The loss weight of every token is an input, so the forward pass can finish the work at once:
 each step takes ``C`` positions of every row (about ``chunk_tokens`` tokens in all), forms their
 logits over the whole vocabulary ``[B, C, V]`` (fp32 accumulation, stored in ``logits_dtype``:
-fp32, or bf16 to halve the bytes of the two passes over them), their logsumexp
-(:func:`flare_jax.ops.vocab_logsumexp`, one read) and the cross-entropy in fp32, then
-``d_logits = w (softmax - onehot)`` (compute dtype), ``d_hidden = d_logits @ W`` and the step's
-share of ``d_weight = d_logits^T @ hidden`` (fp32 accumulation). The backward pass only scales
-those two by the cotangent of the weighted sum. Three matmuls with the head per token instead of
+fp32, or bf16 to halve the bytes of the pass over them), and then in one read of them
+(:func:`flare_jax.ops.vocab_softmax`) their logsumexp, the cross-entropy in fp32 and the
+gradient terms ``exp(logits - offset)`` (compute dtype, one offset per row, the target column
+replaced so that ``softmax - onehot = norm * exp``). With ``d_logits = w norm * exp``, the
+row factor ``w norm`` scales the rows of ``d_hidden = exp @ W`` after the matmul, and those of
+``hidden`` inside the step's share of ``d_weight = exp^T @ (w norm hidden)`` (fp32
+accumulation); ``d_logits`` itself is never written. The backward pass only scales the two
+gradients by the cotangent of the weighted sum. Three matmuls with the head per token instead of
 the four of :mod:`flare_jax.vocab_ce`, whose backward recomputes the logits. The one step's
-``[B, C, V]`` logits are the largest buffer (4 GiB in fp32 at 4096 tokens x 248320 ids);
-``d_weight`` is held in fp32 from the forward pass to the backward pass.
+``[B, C, V]`` logits and exponentials are the largest buffers (4 GiB each in fp32 at 4096 tokens
+x 248320 ids); ``d_weight`` is held in fp32 from the forward pass to the backward pass.
 
 Positions are chunked within rows, so a batch sharded over rows stays sharded in every step.
 """
@@ -24,7 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from flare_jax.ops import vocab_logsumexp
+from flare_jax.ops import vocab_softmax
 from flare_jax.vocab_ce import matmul_precision
 
 
@@ -95,24 +98,34 @@ def _scan(static: _Static, hidden: jax.Array, weight: jax.Array, targets: jax.Ar
     head = weight.astype(hidden.dtype)
     precision = matmul_precision(hidden.dtype)
     w_dims = "vh" if static.vocab_major else "hv"
-    vocab = weight.shape[0 if static.vocab_major else 1]
     per_row = static.per_row
 
     def step(d_weight, xs):
         h, t, w = xs  # [B, C, H], [B, C], [B, C]: padded positions have weight 0
         stored = jnp.einsum(f"bch,{w_dims}->bcv", h, head,
                             preferred_element_type=static.logits_dtype, precision=precision)
-        lse = vocab_logsumexp(stored, backend=static.backend)
-        logits = stored.astype(jnp.float32)  # fused into the passes below: they read `stored`
-        ce = lse - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        terms = vocab_softmax(stored, t, exp_dtype=h.dtype if with_grads else None,
+                              backend=static.backend)
+        ce = terms.lse - terms.target_logit
         if not with_grads:
             return d_weight, (ce, None)
-        onehot = jnp.arange(vocab) == t[..., None]
-        d_logits = (w[..., None] * (jnp.exp(logits - lse[..., None]) - onehot)).astype(h.dtype)
-        d_h = jnp.einsum(f"bcv,{w_dims}->bch", d_logits, head,
+        # d_logits = w * (softmax - onehot) = w * norm * exp, with one norm per row and vocabulary
+        # shard: it scales the rows of d_hidden and, inside the contraction, of h for d_weight
+        scale = w[..., None] * terms.norm  # [B, C, S]
+        shards = scale.shape[-1]
+        exp = terms.exp.reshape(*t.shape, shards, -1)  # [B, C, S, V / S]
+        shard_dims = "svh" if static.vocab_major else "hsv"
+        head_shards = (head.reshape(shards, -1, head.shape[1]) if static.vocab_major
+                       else head.reshape(head.shape[0], shards, -1))
+        d_h = jnp.einsum(f"bcsv,{shard_dims}->bcsh", exp, head_shards,
                          preferred_element_type=jnp.float32, precision=precision)
-        d_weight = d_weight + jnp.einsum(f"bcv,bch->{w_dims}", d_logits, h,
-                                         preferred_element_type=jnp.float32, precision=precision)
+        d_h = jnp.sum(scale[..., None] * d_h, axis=2)  # elementwise: no TF32 rounding
+        # materialised, so that XLA keeps the head's cuBLAS matmul instead of fusing the scaling
+        scaled_h = jax.lax.optimization_barrier(
+            (scale[..., None] * h[:, :, None, :]).astype(h.dtype))
+        d_weight = d_weight + jnp.einsum(
+            f"bcsv,bcsh->{shard_dims}", exp, scaled_h, preferred_element_type=jnp.float32,
+            precision=precision).reshape(d_weight.shape)
         return d_weight, (ce, d_h)
 
     xs = (_to_steps(hidden, per_row), _to_steps(targets, per_row),

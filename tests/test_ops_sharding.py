@@ -1,8 +1,9 @@
 """Kernels under a mesh (flare_jax/ops.py): each op runs per shard through ``shard_map`` (rows over
 the batch axes, heads over ``tensor`` where they divide) and gives the unsharded values and
 gradients; the conv with l2-normalised q, k heads and q / k / v parts also where a tensor shard
-holds parts of two of them; the head's logsumexp also with the vocabulary split over ``tensor``
-(each shard's result combined across shards). Run in a subprocess with 4 CPU devices."""
+holds parts of two of them; the head's softmax terms (logsumexp, target logit and
+``softmax - onehot``) also with the vocabulary split over ``tensor`` (each shard's logsumexp
+combined across shards, its exponentials scaled by its own factor). Run in a subprocess with 4 CPU devices."""
 
 import json
 import sys
@@ -16,6 +17,11 @@ RTOL = 1e-6
 # after partly cancelling, measured): its relative error is that of the summation order too,
 # against a smaller total.
 LOSS_RTOL = 5e-6
+# The softmax terms are exp(x - offset) * exp(offset - lse) against exp(x - lse): an fp32
+# logsumexp of |lse| ~ 10-15 is off by a few of its ulps (~1e-6), which exp turns into that
+# relative error (seen: 1.4e-6); a shard's columns scaled by another shard's factor would be off
+# by far more.
+SOFTMAX_RTOL = 5e-6
 MESHES = {"fsdp2_tensor2": (1, 2, 2), "data4": (4, 1, 1), "tensor4": (1, 1, 4)}
 
 
@@ -54,8 +60,13 @@ def worker(out: Path) -> None:
     conv_weight = normal((4, 6 * dim))
     logits = 5 * normal((batch, length, 24)).astype(jnp.bfloat16)  # 24 ids split 2 or 4 ways
 
+    targets = jax.random.randint(jax.random.key(1), (batch, length), 0, logits.shape[2])
+
     def lse(logits):
-        return ops.vocab_logsumexp(logits, backend="gpu_interpret")
+        terms = ops.vocab_softmax(logits, targets, exp_dtype=jnp.float32, backend="gpu_interpret")
+        shards = terms.norm.shape[2]
+        grad = terms.norm[..., None] * terms.exp.reshape(batch, length, shards, -1)
+        return terms.lse, terms.target_logit, grad.reshape(logits.shape)
 
     # 6 heads of q | k | v, 2 each; q and k normalised
     conv_layout = dict(l2_heads=(dim, 4 * dim), split_at=(2 * dim, 4 * dim), backend="gpu_interpret")
@@ -81,7 +92,10 @@ def worker(out: Path) -> None:
 
     grad = jax.value_and_grad(loss, argnums=range(7))
     reference = jax.tree.leaves(jax.jit(grad)(*args))
-    lse_reference = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    logits32 = logits.astype(jnp.float32)
+    lse_reference = (jax.nn.logsumexp(logits32, axis=-1),
+                     jnp.take_along_axis(logits32, targets[..., None], axis=-1)[..., 0],
+                     jax.nn.softmax(logits32) - jax.nn.one_hot(targets, logits.shape[2]))
     result = {"no_mesh_shard_maps": str(jax.make_jaxpr(loss)(*args)).count("shard_map")}
     for name, shape in MESHES.items():
         with jax.set_mesh(make_mesh(*shape)):
@@ -92,8 +106,10 @@ def worker(out: Path) -> None:
         (loss_got, *got), (loss_reference, *reference_grads) = got, reference
         errors = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
                   for a, b in zip(got, reference_grads, strict=True)]
-        errors.append(float(jnp.max(jnp.abs(lse_got - lse_reference) / jnp.abs(lse_reference))))
+        softmax_errors = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                          for a, b in zip(lse_got, lse_reference, strict=True)]
         result[name] = {"shard_maps": shard_maps, "lse_shard_maps": lse_shard_maps,
+                        "softmax_rel_error": max(softmax_errors),
                         "max_rel_error": max(errors),
                         "loss_rel_error": float(abs(loss_got - loss_reference) / abs(loss_reference))}
     out.write_text(json.dumps(result))
@@ -107,11 +123,13 @@ def test_ops_run_per_shard_and_match_one_device(tmp_path):
     # two key / kv heads (six conv heads) do not split four ways and there is no batch axis:
     # ops run unsharded
     assert result["tensor4"]["shard_maps"] == 0
-    # the logsumexp splits its rows over the batch axes and its 24 ids over tensor (2 or 4 ways)
+    # the softmax terms split their rows over the batch axes and their 24 ids over tensor (2 or 4
+    # ways)
     assert all(result[name]["lse_shard_maps"] == 1 for name in MESHES)
     for name in MESHES:
         assert result[name]["max_rel_error"] <= RTOL, (name, result[name])
         assert result[name]["loss_rel_error"] <= LOSS_RTOL, (name, result[name])
+        assert result[name]["softmax_rel_error"] <= SOFTMAX_RTOL, (name, result[name])
 
 
 if __name__ == "__main__":
