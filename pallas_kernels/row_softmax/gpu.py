@@ -34,7 +34,9 @@ HEADROOM = 30.0
 
 class Tiling(NamedTuple):
     """Launch parameters: rows per program, columns per tile (both powers of two), warps and
-    software-pipeline stages of the column loop (docs/performance.md, "Head softmax kernel")."""
+    software-pipeline stages of the column loop. The default is within 0.3% of the fastest of 24
+    at 4096 x 248320 bf16 on the H100 (docs/performance.md, "The head's softmax terms in one
+    pass")."""
 
     block_rows: int = 1
     block_cols: int = 4096
