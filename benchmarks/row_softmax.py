@@ -59,8 +59,8 @@ def bench(rows: int, vocab: int, sweep: bool) -> dict:
         if sweep:
             for t in SWEEP:
                 candidates[f"kernel_{tuple(t)}"] = jax.jit(
-                    lambda x, t=t, hint=hint: row_softmax(x, hint, exp_dtype=BF16, backend="gpu",
-                                               tiling=t)[:2])
+                    lambda x, t=t, hint=hint: row_softmax(x, hint, exp_dtype=BF16,
+                                                          backend="gpu", tiling=t)[:2])
         rows_out = {}
         for name, fn in candidates.items():
             try:
