@@ -111,18 +111,18 @@ def _scan(static: _Static, hidden: jax.Array, weight: jax.Array, targets: jax.Ar
             return d_weight, (ce, None)
         # d_logits = w * (softmax - onehot) = w * norm * exp, with one norm per row and vocabulary
         # shard: it scales the rows of d_hidden and, inside the contraction, of h for d_weight
-        scale = w[..., None] * terms.norm  # [B, C, S]
-        shards = scale.shape[-1]
+        scale = (w[..., None] * terms.norm)[..., None]  # [B, C, S, 1]
+        shards = scale.shape[2]
         exp = terms.exp.reshape(*t.shape, shards, -1)  # [B, C, S, V / S]
         shard_dims = "svh" if static.vocab_major else "hsv"
         head_shards = (head.reshape(shards, -1, head.shape[1]) if static.vocab_major
                        else head.reshape(head.shape[0], shards, -1))
         d_h = jnp.einsum(f"bcsv,{shard_dims}->bcsh", exp, head_shards,
                          preferred_element_type=jnp.float32, precision=precision)
-        d_h = jnp.sum(scale[..., None] * d_h, axis=2)  # elementwise: no TF32 rounding
+        d_h = jnp.sum(scale * d_h, axis=2)  # elementwise: no TF32 rounding
         # materialised, so that XLA keeps the head's cuBLAS matmul instead of fusing the scaling
         scaled_h = jax.lax.optimization_barrier(
-            (scale[..., None] * h[:, :, None, :]).astype(h.dtype))
+            (scale * h[:, :, None, :]).astype(h.dtype))
         d_weight = d_weight + jnp.einsum(
             f"bcsv,bcsh->{shard_dims}", exp, scaled_h, preferred_element_type=jnp.float32,
             precision=precision).reshape(d_weight.shape)
